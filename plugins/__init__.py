@@ -1,0 +1,1 @@
+"""Built-in xai plugins, registered through the `xaicli` entry-point group like any third-party plugin."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: a small CNN trained on real data (scikit-learn digits) in every format."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "demo"))
+
+import train_digits  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@dataclass
+class Digits:
+    """The digits CNN: eager module, TorchScript and ONNX files, PNG inputs and a preprocessed batch."""
+
+    module: torch.nn.Module
+    accuracy: float
+    torchscript: Path
+    onnx: Path
+    images: Path
+    x: torch.Tensor
+    y: torch.Tensor
+    raw: np.ndarray  # uint8 images [N, 32, 32]
+
+    @property
+    def spec(self):
+        from xaicli.model import InputSpec
+
+        s = train_digits.SPEC
+        return InputSpec(size=tuple(s["size"]), channels=1, mean=tuple(s["mean"]), std=tuple(s["std"]))
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
+    """Trained in ~10 s once per session (97–98 % held-out accuracy), exported to TorchScript and ONNX."""
+    folder = tmp_path_factory.mktemp("digits")
+    module, accuracy, images, labels = train_digits.train()
+    ts_path, onnx_path = train_digits.export(module, folder)
+    train_digits.save_images(images, labels, folder / "images")
+    x = train_digits.normalise(images[:32])
+    return Digits(module, accuracy, ts_path, onnx_path, folder / "images", x, torch.from_numpy(labels[:32]).long(), images)

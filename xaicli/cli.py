@@ -1,0 +1,294 @@
+"""The `xai` command: parses flags into a recipe, calls the Python API, prints, sets the exit code.
+
+Exit codes: 0 everything succeeded, 1 some inputs failed or a threshold was violated,
+2 usage error (bad flags, bad recipe, model that does not load), 130 interrupted.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+
+from .errors import UsageError, XaiError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Batch explanations for neural networks: LRP, gradients, perturbations and metrics at dataset scale.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+plugins_app = typer.Typer(help="List installed plugins, or show one plugin's parameters.", invoke_without_command=True)
+app.add_typer(plugins_app, name="plugins")
+
+_debug = False
+
+
+def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406; got {text!r}") from None
+
+
+def _size(text: Optional[str]) -> Optional[Any]:
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p]
+    except ValueError:
+        raise UsageError(f"--input-size takes N or H,W; got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _target(text: Optional[str]) -> Optional[Any]:
+    if text is None:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _guard(run: Callable[[], int]) -> None:
+    """Turn xai errors into messages and exit codes; tracebacks only with --debug."""
+    try:
+        code = run()
+    except XaiError as exc:
+        if _debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        code = 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        code = 130
+    raise typer.Exit(code)
+
+
+def _report(result: Any, quiet: bool) -> int:
+    counts = result.manifest["counts"]
+    if not quiet:
+        line = (f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
+                f"({result.manifest['throughput']} images/s) -> {result.out_dir}")
+        typer.echo(line, err=True)
+    for error in result.errors[:20]:
+        typer.echo(f"failed: {error['path']}: {error['stage']}: {error['cause']}", err=True)
+    if len(result.errors) > 20:
+        typer.echo(f"... {len(result.errors) - 20} more in {result.out_dir / 'errors.jsonl'}", err=True)
+    for reason in result.violations:
+        typer.echo(f"threshold violated: {reason}", err=True)
+    if result.interrupted:
+        typer.echo("interrupted: rerun the same command to resume", err=True)
+    return result.exit_code
+
+
+def _cli_recipe(
+    model: str, inputs: list[str], methods: list[str], output: Optional[Path], batch_size: Optional[int],
+    device: Optional[str], target: Optional[str], sets: list[str], overwrite: bool, input_size: Optional[str],
+    mean: Optional[str], std: Optional[str], labels: Optional[Path], seed: Optional[int], workers: Optional[int],
+    extra: Optional[dict[str, Any]] = None,
+):
+    from .recipe import from_mapping
+
+    data: dict[str, Any] = {"model": model, "inputs": list(inputs)}
+    if methods:
+        data["methods"] = {m: {} for m in methods}
+    preprocess = {k: v for k, v in {"size": _size(input_size), "mean": _floats(mean, "--mean"),
+                                    "std": _floats(std, "--std")}.items() if v is not None}
+    if preprocess:
+        data["preprocess"] = preprocess
+    optional = {"output": str(output) if output else None, "batch_size": batch_size, "device": device,
+                "target": _target(target), "labels": str(labels) if labels else None, "seed": seed, "workers": workers}
+    data.update({k: v for k, v in optional.items() if v is not None})
+    if overwrite:
+        data["overwrite"] = True
+    data.update(extra or {})
+    return from_mapping(data, sets=sets)
+
+
+# Shared option declarations of `explain` and `evaluate`.
+MODEL = typer.Argument(..., help="TorchScript file (.pt/.ts), ONNX file (.onnx) or timm:NAME")
+INPUTS = typer.Argument(..., help="image files, folders (recursive) or globs")
+OUTPUT = typer.Option(None, "-o", "--output", help="output folder (default xai-out)")
+BATCH = typer.Option(None, "--batch-size", "-b", min=1, help="inputs per batch (default 16)")
+DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when present)")
+TARGET = typer.Option(None, "--target", help="class index, or a CSV file path,target (default: predicted class)")
+SET = typer.Option([], "--set", help="override a recipe value: KEY.SUB=VALUE (repeatable)")
+OVERWRITE = typer.Option(False, "--overwrite", help="redo inputs whose outputs already exist")
+QUIET = typer.Option(False, "--quiet", "-q", help="no progress output")
+SAVE = typer.Option(None, "--save-recipe", help="write the recipe of this run to FILE")
+SIZE = typer.Option(None, "--input-size", help="model input size: N or H,W")
+MEAN = typer.Option(None, "--mean", help="normalisation mean per channel, comma-separated")
+STD = typer.Option(None, "--std", help="normalisation std per channel, comma-separated")
+LABELS = typer.Option(None, "--labels", help="class names file, one per line")
+SEED = typer.Option(None, "--seed", help="seed of the per-input random streams (default 0)")
+WORKERS = typer.Option(None, "--workers", min=1, help="decode threads (default 4)")
+DEBUG = typer.Option(False, "--debug", help="show Python tracebacks")
+
+
+def _execute(recipe: Any, quiet: bool, save_recipe: Optional[Path]) -> int:
+    from . import progress
+    from .recipe import dump_recipe
+    from .run import run_recipe
+
+    if save_recipe:
+        save_recipe.parent.mkdir(parents=True, exist_ok=True)
+        save_recipe.write_text(dump_recipe(recipe))
+    return _report(run_recipe(recipe, progress=progress.choose(quiet)), quiet)
+
+
+@app.command()
+def explain(
+    model: str = MODEL, inputs: List[str] = INPUTS,
+    method: List[str] = typer.Option([], "-m", "--method", help="method to run (repeatable); see `xai plugins`"),
+    output: Optional[Path] = OUTPUT, batch_size: Optional[int] = BATCH, device: Optional[str] = DEVICE,
+    target: Optional[str] = TARGET, set_: List[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    save_recipe: Optional[Path] = SAVE, input_size: Optional[str] = SIZE, mean: Optional[str] = MEAN,
+    std: Optional[str] = STD, labels: Optional[Path] = LABELS, seed: Optional[int] = SEED,
+    workers: Optional[int] = WORKERS, debug: bool = DEBUG,
+) -> None:
+    """Explain a folder of images: heatmap PNGs, NPZ arrays and run.json in the output folder."""
+    global _debug
+    _debug = debug
+    _guard(lambda: _execute(
+        _cli_recipe(model, inputs, method, output, batch_size, device, target, set_, overwrite,
+                    input_size, mean, std, labels, seed, workers),
+        quiet, save_recipe))
+
+
+@app.command()
+def evaluate(
+    model: str = MODEL, inputs: List[str] = INPUTS,
+    method: List[str] = typer.Option([], "-m", "--method", help="method to evaluate (repeatable)"),
+    metric: List[str] = typer.Option([], "--metric", help="metric to compute (repeatable); see `xai plugins`"),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="folder of ground-truth masks mirroring the inputs (PNG)"),
+    from_run: Optional[Path] = typer.Option(None, "--from", help="reuse the arrays of an earlier `xai explain` run"),
+    fail_under: List[str] = typer.Option([], "--fail-under", help="METRIC=VALUE: fail when a mean score is below (repeatable)"),
+    fail_over: List[str] = typer.Option([], "--fail-over", help="METRIC=VALUE: fail when a mean score is above (repeatable)"),
+    output: Optional[Path] = OUTPUT, batch_size: Optional[int] = BATCH, device: Optional[str] = DEVICE,
+    target: Optional[str] = TARGET, set_: List[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
+    save_recipe: Optional[Path] = SAVE, input_size: Optional[str] = SIZE, mean: Optional[str] = MEAN,
+    std: Optional[str] = STD, labels: Optional[Path] = LABELS, seed: Optional[int] = SEED,
+    workers: Optional[int] = WORKERS, debug: bool = DEBUG,
+) -> None:
+    """Score explanation methods with metrics; exit 1 when a threshold is violated."""
+    global _debug
+    _debug = debug
+
+    def go() -> int:
+        from .summary import parse_threshold
+
+        thresholds: dict[str, dict[str, float]] = {}
+        for bound, texts in (("min", fail_under), ("max", fail_over)):
+            for text in texts:
+                key, value = parse_threshold(text)
+                thresholds.setdefault(key, {})[bound] = value
+        extra: dict[str, Any] = {"metrics": {m: {} for m in metric}, "overwrite": True}
+        if thresholds:
+            extra["thresholds"] = thresholds
+        if masks:
+            extra["masks"] = str(masks)
+        if from_run:
+            extra["from_run"] = str(from_run)
+        recipe = _cli_recipe(model, inputs, method, output, batch_size, device, target, set_, overwrite,
+                             input_size, mean, std, labels, seed, workers, extra)
+        if not recipe.metrics:
+            raise UsageError("no metrics to compute: add one with --metric METRIC (list them with `xai plugins`)")
+        return _execute(recipe, quiet, save_recipe)
+
+    _guard(go)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe"),
+    output: Optional[Path] = OUTPUT, set_: List[str] = SET, overwrite: bool = OVERWRITE,
+    quiet: bool = QUIET, debug: bool = DEBUG,
+) -> None:
+    """Run a YAML recipe (explain, and evaluate when it has a metrics: section)."""
+    global _debug
+    _debug = debug
+
+    def go() -> int:
+        from .recipe import load_recipe
+
+        sets = list(set_)
+        if output:
+            sets.append(f"output={output}")
+        if overwrite:
+            sets.append("overwrite=true")
+        return _execute(load_recipe(recipe, sets=sets), quiet, None)
+
+    _guard(go)
+
+
+@plugins_app.callback()
+def plugins(ctx: typer.Context) -> None:
+    """List installed plugins by kind."""
+    if ctx.invoked_subcommand is not None:
+        return
+
+    def go() -> int:
+        from rich.console import Console
+        from rich.table import Table
+
+        from .registry import default_registry
+
+        registry = default_registry()
+        console = Console()
+        for kind, table in registry.plugins.items():
+            view = Table(title=f"{kind}s", title_justify="left", show_header=True, header_style="bold")
+            for column in ("name", "description", "from"):
+                view.add_column(column)
+            for name in sorted(table):
+                origin = registry.origins[(kind, name)]
+                source = f"{origin.distribution} {origin.version}".strip() or origin.module
+                view.add_row(name, table[name].description, source)
+            console.print(view)
+        return 0
+
+    _guard(go)
+
+
+@plugins_app.command("show")
+def plugins_show(name: str = typer.Argument(..., help="plugin name")) -> None:
+    """Print a plugin's parameters: name, type, default, doc."""
+
+    def go() -> int:
+        from rich.console import Console
+        from rich.table import Table
+
+        from .registry import default_registry
+
+        registry = default_registry()
+        kind, plugin = registry.find(name)
+        origin = registry.origins[(kind, name)]
+        console = Console()
+        console.print(f"[bold]{name}[/bold] ({kind}, from {origin.distribution or origin.module}): {plugin.description}")
+        extra = []
+        if kind in ("method", "metric"):
+            extra.append(f"needs: {plugin.needs}")
+        if kind == "metric":
+            extra.append(f"family: {plugin.family}, {'higher' if plugin.higher_is_better else 'lower'} is better")
+        if extra:
+            console.print("; ".join(extra))
+        view = Table(show_header=True, header_style="bold")
+        for column in ("parameter", "type", "default", "doc"):
+            view.add_column(column)
+        for p in plugin.params:
+            doc = p.doc + (f" (one of: {', '.join(map(str, p.choices))})" if p.choices else "")
+            view.add_row(p.name, p.type_name, repr(p.default), doc)
+        console.print(view if plugin.params else "no parameters")
+        return 0
+
+    _guard(go)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
