@@ -104,7 +104,9 @@ def _cli_recipe(
     if overwrite:
         data["overwrite"] = True
     data.update(extra or {})
-    return from_mapping(data, sets=sets)
+    from .registry import default_registry
+
+    return from_mapping(data, sets=sets, registry=default_registry())
 
 
 # Shared option declarations of `explain` and `evaluate`.
@@ -134,7 +136,7 @@ def _execute(recipe: Any, quiet: bool, save_recipe: Optional[Path]) -> int:
 
     if save_recipe:
         save_recipe.parent.mkdir(parents=True, exist_ok=True)
-        save_recipe.write_text(dump_recipe(recipe))
+        save_recipe.write_text(dump_recipe(recipe, folder=save_recipe.parent))
     return _report(run_recipe(recipe, progress=progress.choose(quiet)), quiet)
 
 
@@ -212,13 +214,14 @@ def run(
 
     def go() -> int:
         from .recipe import load_recipe
+        from .registry import default_registry
 
         sets = list(set_)
         if output:
             sets.append(f"output={output}")
         if overwrite:
             sets.append("overwrite=true")
-        return _execute(load_recipe(recipe, sets=sets), quiet, None)
+        return _execute(load_recipe(recipe, sets=sets, registry=default_registry()), quiet, None)
 
     _guard(go)
 

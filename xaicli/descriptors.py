@@ -15,7 +15,7 @@ import torch
 from .params import Param
 
 if TYPE_CHECKING:
-    from .model import Model
+    from .model import InputSpec, Model
     from .rng import BatchRNG
 
 Needs = Literal["forward", "gradient", "graph"]
@@ -148,6 +148,7 @@ class WriterContext:
 
     out_dir: Path
     labels: list[str] | None = None
+    spec: "InputSpec | None" = None  # the model's input spec: de-normalises inputs for overlays
 
 
 @dataclass(frozen=True)

@@ -78,12 +78,12 @@ def explain(
     if output is not None:
         data["output"] = str(output)
     data.update(keys)
-    return run_recipe(from_mapping(data, sets=sets), progress=progress)
+    return run_recipe(from_mapping(data, sets=sets, registry=default_registry()), progress=progress)
 
 
 def run_file(path: str | Path, sets: Sequence[str] = (), progress: Progress | None = None) -> RunResult:
     """Run a YAML recipe: the Python form of `xai run`."""
-    return run_recipe(load_recipe(path, sets=sets), progress=progress)
+    return run_recipe(load_recipe(path, sets=sets, registry=default_registry()), progress=progress)
 
 
 def pick_device(name: str) -> torch.device:
@@ -183,9 +183,13 @@ class Writers:
             except Exception as exc:  # a full disk or bad path fails these inputs, not the run
                 self.on_error(batch.items, f"write ({name})", exc)
 
-    def close(self, manifest: dict[str, Any]) -> None:
+    def drain(self) -> None:
+        """Wait for every queued write."""
         while self.pending:
             self.pending.popleft().result()
+
+    def close(self, manifest: dict[str, Any]) -> None:
+        self.drain()
         self.pool.shutdown(wait=True)
         for sink in self.sinks.values():
             sink.close(manifest)
@@ -199,9 +203,13 @@ class Run:
         self.registry = registry
         self.progress = progress
         self.resolved = validate_plugins(recipe, registry)
+        self.previous = _previous_run(Path(recipe.from_run)) if recipe.from_run else None
+        methods = self.resolved["methods"]
+        if self.previous is not None:
+            methods = _reused_methods(self.previous, methods, Path(recipe.from_run))
         self.methods: dict[str, tuple[Method, dict[str, Any]]] = {
             out: (registry.method(p["method"]), {k: v for k, v in p.items() if k != "method"})
-            for out, p in self.resolved["methods"].items()
+            for out, p in methods.items()
         }
         self.metrics = {
             out: (registry.metric(p["metric"]), {k: v for k, v in p.items() if k != "metric"})
@@ -212,7 +220,7 @@ class Run:
         self.errors: list[dict[str, str]] = []
         self.lock = threading.Lock()
         self.counts = {"done": 0, "skipped": 0, "failed": 0}
-        self.timings = {"load": 0.0, "compute": 0.0, "total": 0.0}
+        self.timings = {"load": 0.0, "loop": 0.0, "compute": 0.0, "total": 0.0}
         self.scores: list[tuple[str, str, str, float]] = []
 
     # -- errors -------------------------------------------------------------------------
@@ -238,7 +246,7 @@ class Run:
         items = discover(self.recipe.inputs)
         out_dir = Path(self.recipe.output)
         out_dir.mkdir(parents=True, exist_ok=True)
-        ctx = WriterContext(out_dir=out_dir, labels=model.labels)
+        ctx = WriterContext(out_dir=out_dir, labels=model.labels, spec=model.spec)
         sinks = {name: self.registry.writer(name).open(ctx, **params) for name, params in self.resolved["writers"].items()}
         writers = Writers(sinks, self.fail_items)
         targets = Targets(self.recipe.target, model.labels)
@@ -254,6 +262,7 @@ class Run:
         self.counts["skipped"] = len(items) - len(todo)
         self.progress.start(len(todo), self.counts["skipped"])
         interrupted = False
+        t_loop = time.perf_counter()
         with StopFlag() as stop:
             try:
                 for batch in self.batches(todo, model):
@@ -265,6 +274,8 @@ class Run:
                 interrupted = True
             finally:
                 self.progress.close()
+        writers.drain()
+        self.timings["loop"] = time.perf_counter() - t_loop
         self.timings["total"] = time.perf_counter() - t0
         manifest = self.manifest(model, len(items), interrupted)
         writers.close(manifest)
@@ -296,57 +307,55 @@ class Run:
     def process(self, model: Model, batch: list[Decoded], targets: Targets, writers: Writers) -> None:
         """Targets, every method and metric, and the writes of one batch."""
         t0 = time.perf_counter()
-        items = [d.item for d in batch]
+        n = len(batch)
         x = torch.stack([d.x for d in batch]).to(model.device)
         try:
             logits = model.predict(x)
         except Exception as exc:
-            self.fail_items(items, "forward", exc)
-            self.progress.advance(0, len(items))
+            self.fail_items([d.item for d in batch], "forward", exc)
+            self.progress.advance(0, n)
             return
-        target, target_errors = targets.resolve(items, logits)
-        keep = [i for i, e in enumerate(target_errors) if e is None]
-        for i, e in enumerate(target_errors):
-            if e is not None:
-                self.fail(items[i], e.stage, str(e))
-        if len(keep) < len(items):
-            batch, items = [batch[i] for i in keep], [items[i] for i in keep]
-            x, logits, target = x[keep], logits[keep], target[keep]
-        if not items:
-            self.progress.advance(0, len(target_errors))
+        target, errors = targets.resolve([d.item for d in batch], logits)
+        masks = None
+        if self.recipe.masks:
+            masks, mask_errors = self.load_masks(batch, model)
+            errors = [a or b for a, b in zip(errors, mask_errors)]
+        for d, error in zip(batch, errors):
+            if error is not None:
+                self.fail(d.item, error.stage, str(error))
+        keep = [i for i, e in enumerate(errors) if e is None]
+        if not keep:
+            self.progress.advance(0, n)
             return
+        if len(keep) < n:
+            batch, x, logits, target = [batch[i] for i in keep], x[keep], logits[keep], target[keep]
+            masks = masks[keep] if masks is not None else None
+        items = [d.item for d in batch]
         target = target.to(model.device)
-        probs = torch.softmax(logits.float(), 1)
-        picked = target.view(-1, 1)
-        logit, prob = logits.gather(1, picked)[:, 0], probs.gather(1, picked)[:, 0]
         seeds = BatchRNG([derive_seed(self.recipe.seed, item.relpath) for item in items])
         failed: set[int] = set()
         results: list[BatchOutput] = []
         for out, (method, params) in self.methods.items():
             rng = seeds.child(out)
-            attribution, bad = self.run_method(model, method, params, x, target, rng, items)
+            if self.previous is not None:
+                attribution, bad, method_target = self.load_method(out, items, x, target)
+            else:
+                (attribution, bad), method_target = self.run_method(model, method, params, x, target, rng, items), target
             failed |= bad
             if attribution is None:
                 continue
-            output = BatchOutput(
-                output=out, method=method.name, params=params, items=items,
-                inputs=x.detach().float().cpu().numpy(), images=[d.image for d in batch],
-                crops=[d.crop for d in batch], resized=[d.resized for d in batch],
-                target=target.cpu().numpy(), logit=logit.float().cpu().numpy(), prob=prob.float().cpu().numpy(),
-                relevance=attribution.relevance.detach().float().cpu().numpy(),
-                extras={k: _numpy(v) for k, v in attribution.extras.items()},
+            output = _output(out, method.name, params, batch, x, logits, method_target, attribution)
+            output.scores = self.run_metrics(
+                model, x, method_target, attribution.relevance, method, params, rng, items, out, masks
             )
-            output.scores = self.run_metrics(model, x, target, attribution.relevance, method, params, rng, batch, out)
             results.append(output)
         self.timings["compute"] += time.perf_counter() - t0
         for output in results:
-            if failed:
-                output = _drop(output, failed)
+            output = _drop(output, failed) if failed else output
             if output.items:
                 writers.submit(output)
-        n_failed = len(failed) + len(target_errors) - len(keep)
         self.counts["done"] += len(items) - len(failed)
-        self.progress.advance(len(items) - len(failed), n_failed)
+        self.progress.advance(len(items) - len(failed), n - len(items) + len(failed))
 
     def run_method(
         self, model: Model, method: Method, params: dict[str, Any], x: torch.Tensor, target: torch.Tensor,
@@ -381,14 +390,31 @@ class Run:
             extras[key] = full
         return Attribution(relevance, extras), bad
 
+    def load_method(
+        self, out: str, items: list[InputItem], x: torch.Tensor, target: torch.Tensor
+    ) -> tuple[Attribution | None, set[int], torch.Tensor]:
+        """Relevance and target of an earlier run's arrays instead of explaining again (--from)."""
+        folder = Path(self.recipe.from_run) / "arrays" / out
+        relevance, bad = torch.zeros_like(x), set()
+        target = target.clone()
+        for i, item in enumerate(items):
+            path = folder / f"{item.stem}.npz"
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    r = torch.from_numpy(npz["relevance"]).to(x.device)
+                    if r.shape != x.shape[1:]:
+                        raise InputError(f"relevance shape {tuple(r.shape)} in {path} does not match the input {tuple(x.shape[1:])}")
+                    relevance[i], target[i] = r, int(npz["target"])
+            except (OSError, KeyError, ValueError, InputError) as exc:
+                self.fail(item, f"from ({out})", f"{path}: {_describe(exc)}")
+                bad.add(i)
+        return Attribution(relevance), bad, target
+
     def run_metrics(
-        self, model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor,
-        method: Method, params: dict[str, Any], rng: BatchRNG, batch: list[Decoded], out: str,
+        self, model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor, method: Method,
+        params: dict[str, Any], rng: BatchRNG, items: list[InputItem], out: str, masks: torch.Tensor | None,
     ) -> dict[str, np.ndarray]:
         """Score one method's relevance on a batch with every metric of the recipe."""
-        if not self.metrics:
-            return {}
-        masks = self.load_masks(batch, model) if self.recipe.masks else None
         scores: dict[str, np.ndarray] = {}
         for name, (metric, metric_params) in self.metrics.items():
             metric_rng = rng.child(f"metric:{name}")
@@ -396,27 +422,34 @@ class Run:
             try:
                 values = metric.score(model, x, target, relevance.detach(), ctx, **metric_params)
             except Exception as exc:
-                for d in batch:
-                    self.fail(d.item, f"metric ({name} on {out})", _describe(exc))
-                values = torch.full((len(batch),), float("nan"))
+                self.fail_items(items, f"metric ({name} on {out})", exc)
+                values = torch.full((len(items),), float("nan"))
             scores[name] = _numpy(values).astype(np.float64)
             for key, detail in ctx.details.items():
                 scores[f"{name}/{key}"] = _numpy(detail).astype(np.float64)
-        for name, values in scores.items():
-            for d, v in zip(batch, values):
-                self.scores.append((d.item.relpath, out, name, float(v)))
+        with self.lock:
+            for name, values in scores.items():
+                self.scores.extend((item.relpath, out, name, float(v)) for item, v in zip(items, values))
         return scores
 
-    def load_masks(self, batch: list[Decoded], model: Model) -> torch.Tensor:
+    def load_masks(self, batch: list[Decoded], model: Model) -> tuple[torch.Tensor, list[InputError | None]]:
+        """Ground-truth masks [B,1,H,W] of a batch; an input without a readable mask gets an error."""
         from .data import load_mask
 
-        masks = [load_mask(Path(self.recipe.masks), d.item, model.spec) for d in batch]
-        return torch.stack(masks).to(model.device)
+        masks, errors = [], []
+        for d in batch:
+            try:
+                masks.append(load_mask(Path(self.recipe.masks), d.item, model.spec))
+                errors.append(None)
+            except InputError as exc:
+                masks.append(torch.zeros((1, *model.spec.size), dtype=torch.bool))
+                errors.append(InputError(f"mask: {exc}", stage="mask"))
+        return torch.stack(masks).to(model.device), errors
 
     # -- results ------------------------------------------------------------------------
     def manifest(self, model: Model, n_inputs: int, interrupted: bool) -> dict[str, Any]:
         self.counts["failed"] = len({e["path"] for e in self.errors})
-        elapsed = self.timings["total"]
+        elapsed = self.timings["loop"]
         return {
             "xai": __version__,
             "recipe": self.resolved_recipe(),
@@ -430,7 +463,7 @@ class Run:
             "counts": dict(self.counts),
             "interrupted": interrupted,
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
-            "throughput": round(self.counts["done"] / elapsed, 3) if elapsed > 0 else 0.0,
+            "throughput": round(self.counts["done"] / elapsed, 3) if elapsed > 0 else 0.0,  # images/s, model loading excluded
             "metrics": {name: {"metric": m.name, "higher_is_better": m.higher_is_better, "family": m.family}
                         for name, (m, _) in self.metrics.items()},
             "thresholds": self.recipe.thresholds or {},
@@ -465,6 +498,26 @@ def run_recipe(recipe: Recipe, registry: Registry | None = None, progress: Progr
     return Run(recipe, registry or default_registry(), progress or Progress()).execute()
 
 
+def _previous_run(folder: Path) -> dict[str, Any]:
+    """The manifest of an earlier run whose arrays are evaluated."""
+    path = folder / "run.json"
+    if not path.is_file():
+        raise UsageError(f"--from {folder}: no run.json there; point it at the output folder of `xai explain`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--from {folder}: run.json is not valid JSON: {exc}") from exc
+
+
+def _reused_methods(previous: dict[str, Any], asked: dict[str, dict], folder: Path) -> dict[str, dict]:
+    """The earlier run's methods (with their parameters), narrowed to those asked for, if any."""
+    done = previous.get("recipe", {}).get("methods", {})
+    missing = [name for name in asked if name not in done]
+    if missing:
+        raise UsageError(f"--from {folder}: the earlier run has no method output {missing[0]!r}; it has {', '.join(done)}")
+    return {name: done[name] for name in (asked or done)}
+
+
 def _reexplainer(method: Method, params: dict[str, Any], model: Model, rng: BatchRNG) -> Callable[..., torch.Tensor]:
     """ctx.explain for metrics: rows of x are input-major ([B, k] flattened) unless `rng` is given."""
 
@@ -475,6 +528,23 @@ def _reexplainer(method: Method, params: dict[str, Any], model: Model, rng: Batc
         return method.explain(model_ or model, x, target, rng_, **params).relevance
 
     return reexplain
+
+
+def _output(
+    out: str, method: str, params: dict[str, Any], batch: list[Decoded], x: torch.Tensor, logits: torch.Tensor,
+    target: torch.Tensor, attribution: Attribution,
+) -> BatchOutput:
+    """One method's results on a batch, moved to the CPU for the writers."""
+    picked = target.view(-1, 1).to(logits.device)
+    return BatchOutput(
+        output=out, method=method, params=params, items=[d.item for d in batch],
+        inputs=x.detach().float().cpu().numpy(), images=[d.image for d in batch],
+        crops=[d.crop for d in batch], resized=[d.resized for d in batch], target=target.cpu().numpy(),
+        logit=logits.gather(1, picked)[:, 0].float().cpu().numpy(),
+        prob=torch.softmax(logits.float(), 1).gather(1, picked)[:, 0].cpu().numpy(),
+        relevance=attribution.relevance.detach().float().cpu().numpy(),
+        extras={k: _numpy(v) for k, v in attribution.extras.items()},
+    )
 
 
 def _drop(output: BatchOutput, failed: set[int]) -> BatchOutput:

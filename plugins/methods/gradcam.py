@@ -1,1 +1,160 @@
-"""(in progress)"""
+"""Grad-CAM (Selvaraju et al. 2017) and Grad-CAM++ (Chattopadhay et al. 2018) at any node of the
+model's torch graph, so they work for eager, TorchScript and ONNX models alike (no module hooks).
+
+An fx Interpreter runs the graph, hands out the activation A [B,K,h,w] of the chosen node as a
+leaf tensor and continues from it, so one backward gives ∂f_t/∂A.
+- gradcam: ReLU(Σ_k α_k A_k), α_k the spatial mean of ∂f_t/∂A_k — captum's LayerGradCam.
+- gradcam_plus_plus: α_k = Σ_ij a_kij·ReLU(g_kij) with a_kij = g²_kij / (2g²_kij + g³_kij·Σ_ab A_kab),
+  g = ∂f_t/∂A: the paper's closed form (exponential of the score), a = 0 where g = 0.
+The map is upsampled to the input with `interpolation` (bilinear by default, as in the paper;
+captum's LayerAttribution.interpolate defaults to nearest) and broadcast to the C channels.
+`layer` names a graph node (e.g. `relu_16`) or a module path (e.g. `layer4`: its last node); the
+default is the last node with a 4-D output larger than 1×1, i.e. the last spatial feature map
+before global pooling. Extras: `cam` [B,h,w], the map before upsampling.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from xaicli import Attribution, Method, Param, hookimpl
+from xaicli.errors import UsageError
+from xaicli.model import Model, gather_target
+from xaicli.rng import BatchRNG
+
+
+def model_graph(model: Model, x: torch.Tensor) -> fx.GraphModule:
+    """The model as an ATen-level fx graph (exported once per model, batch dimension dynamic)."""
+    cached = model.extra.get("fx_graph")
+    if cached is not None:
+        return cached
+    if model.module is None or isinstance(model.module, torch.jit.ScriptModule):
+        raise UsageError(f"gradcam needs the torch graph of {model.source or model.name}; "
+                         "only eager PyTorch modules (timm models) can be exported to it for now")
+    batch = torch.export.Dim.DYNAMIC
+    graph = torch.export.export(model.module, (x[:2].expand(2, *x.shape[1:]).contiguous(),),
+                                dynamic_shapes=({0: batch},)).module()
+    model.extra["fx_graph"] = graph
+    return graph
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    return tuple(value.shape) if value is not None and hasattr(value, "shape") else None
+
+
+def _spatial(node: fx.Node) -> bool:
+    shape = _shape(node)
+    return node.op == "call_function" and shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
+
+
+def find_layer(graph: fx.GraphModule, layer: str | None) -> fx.Node:
+    """The node whose activation is explained: by node name, by module path, or the default."""
+    nodes = list(graph.graph.nodes)
+    if layer is None:
+        spatial = [n for n in nodes if _spatial(n)]
+        if not spatial:
+            raise UsageError("gradcam: the model has no spatial (4-D) feature map; name a `layer`")
+        return spatial[-1]
+    for node in nodes:
+        if node.name == layer:
+            return node
+    inside = [n for n in nodes if n.op == "call_function" and layer in _modules(n)]
+    if inside:
+        return inside[-1]
+    names = sorted({m for n in nodes for m in _modules(n) if m} | {n.name for n in nodes if _spatial(n)})
+    raise UsageError(f"gradcam: no node or module named {layer!r}; spatial nodes and modules: {', '.join(names[:40])}")
+
+
+def _modules(node: fx.Node) -> list[str]:
+    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+
+
+class _Capture(fx.Interpreter):
+    """Runs the graph, replacing `node`'s output with a leaf that requires grad (kept in `activation`)."""
+
+    def __init__(self, graph: fx.GraphModule, node: fx.Node):
+        super().__init__(graph)
+        self.node = node
+        self.activation: torch.Tensor | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n is not self.node:
+            return value
+        self.activation = value.detach().requires_grad_(True)
+        return self.activation.clone()  # later in-place ops (relu_) must not touch the leaf
+
+
+def layer_gradient(model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, ∂f_t/∂A) at the chosen node for a batch."""
+    graph = model_graph(model, x)
+    capture = _Capture(graph, find_layer(graph, layer))
+    with torch.enable_grad():
+        out = capture.run(x.detach())
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        (grad,) = torch.autograd.grad(gather_target(out, target).sum(), capture.activation)
+    return capture.activation.detach(), grad
+
+
+def _upsample(cam: torch.Tensor, x: torch.Tensor, interpolation: str) -> Attribution:
+    B, C, H, W = x.shape
+    align = False if interpolation == "bilinear" else None
+    up = F.interpolate(cam, size=(H, W), mode=interpolation, align_corners=align)
+    return Attribution(up.expand(B, C, H, W).contiguous(), {"cam": cam[:, 0]})
+
+
+def _chunked(model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None, max_batch: int, weigh) -> torch.Tensor:
+    """ReLU(Σ_k weigh(A, g)_k · A_k) [B,1,h,w], computed in chunks of at most max_batch inputs."""
+    target = target.to(x.device)
+    cams = []
+    for part in torch.arange(len(x), device=x.device).split(max_batch):
+        activation, grad = layer_gradient(model, x[part], target[part], layer)
+        if activation.dim() != 4:
+            raise UsageError(f"gradcam: layer {layer!r} has a {activation.dim()}-D output; it needs a 4-D feature map")
+        cams.append(F.relu((weigh(activation, grad) * activation).sum(1, keepdim=True)))
+    return torch.cat(cams)
+
+
+def _mean_gradient(activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad.mean((2, 3), keepdim=True)
+
+
+def _plus_plus_weights(activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    g2, g3 = grad.pow(2), grad.pow(3)
+    denominator = 2 * g2 + activation.sum((2, 3), keepdim=True) * g3
+    a = g2 / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    return (a * F.relu(grad)).sum((2, 3), keepdim=True)
+
+
+def gradcam(
+    model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, layer: str | None = None,
+    interpolation: str = "bilinear", max_batch: int = 64,
+) -> Attribution:
+    return _upsample(_chunked(model, x, target, layer, max_batch, _mean_gradient), x, interpolation)
+
+
+def gradcam_plus_plus(
+    model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, layer: str | None = None,
+    interpolation: str = "bilinear", max_batch: int = 64,
+) -> Attribution:
+    return _upsample(_chunked(model, x, target, layer, max_batch, _plus_plus_weights), x, interpolation)
+
+
+PARAMS = (
+    Param("layer", str, None, "graph node or module path whose activation is used (default: last spatial feature map)"),
+    Param("interpolation", str, "bilinear", "upsampling of the map to the input", choices=("bilinear", "nearest")),
+    Param("max_batch", int, 64, "most inputs per forward/backward pass", low=1),
+)
+
+
+@hookimpl
+def xai_methods() -> list[Method]:
+    return [
+        Method("gradcam", "gradient-weighted class activation map (Selvaraju et al. 2017)", gradcam, PARAMS, needs="graph"),
+        Method("gradcam_plus_plus", "Grad-CAM++ weighting of the activation map (Chattopadhay et al. 2018)",
+               gradcam_plus_plus, PARAMS, needs="graph"),
+    ]

@@ -1,0 +1,73 @@
+"""ExportedProgram -> the canonical GraphModule (see `xaicli.graph`): one input, one output,
+functional ATen ops, own copies of every parameter and constant as get_attr attributes."""
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind
+
+from ..errors import UsageError
+from .naming import ScopeRule, assign_names, module_scopes
+from .rewrite import normalise
+
+
+def from_exported(ep: ExportedProgram, scope_rule: ScopeRule = module_scopes) -> fx.GraphModule:
+    """Functionalise `ep` (composite ops such as conv2d and linear are kept), lift its state
+    into attributes of a fresh GraphModule, normalise the op vocabulary and name the nodes
+    by `scope_rule` (see `naming`)."""
+    ep = ep.run_decompositions({})
+    graph, state = _lift_state(ep)
+    normalise(graph)
+    graph = assign_names(graph, scope_rule)
+    gm = fx.GraphModule(state, graph, class_name="XaiGraph")
+    gm.eval()
+    return gm
+
+
+def _lift_state(ep: ExportedProgram) -> tuple[fx.Graph, dict[str, torch.Tensor]]:
+    """Copy ep.graph with lifted parameters/buffers/constants turned into get_attr nodes."""
+    specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
+    user = [s for s in specs.values() if s.kind == InputKind.USER_INPUT]
+    if len(user) != 1:
+        raise UsageError(f"the model must take exactly one input tensor; its graph takes {len(user)}")
+    graph, env, state = fx.Graph(), {}, {}
+    for node in ep.graph.nodes:
+        spec = specs.get(node.name) if node.op == "placeholder" else None
+        if spec is not None and spec.kind != InputKind.USER_INPUT:
+            state[spec.target] = _own_copy(_lookup(ep, spec.target))
+            env[node] = graph.get_attr(spec.target)
+            env[node].meta.update(node.meta)
+        elif node.op == "placeholder":
+            env[node] = graph.placeholder("x")
+            env[node].meta.update(node.meta)
+        elif node.op == "output":
+            graph.output(env[_single_output(node)])
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return graph, state
+
+
+def _lookup(ep: ExportedProgram, target: str) -> torch.Tensor:
+    if target in ep.state_dict:
+        return ep.state_dict[target]
+    return ep.constants[target]
+
+
+def _own_copy(value: torch.Tensor) -> torch.Tensor:
+    """A copy that shares no storage with the user's model. Parameters stay nn.Parameters
+    (requires_grad off: input gradients do not need them; flip it where weight grads are wanted)."""
+    if not isinstance(value, torch.Tensor):
+        raise UsageError(f"the model holds a non-tensor constant of type {type(value).__name__}, which the graph cannot carry")
+    copy = value.detach().clone()
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(copy, requires_grad=False)
+    return copy
+
+
+def _single_output(node: fx.Node) -> fx.Node:
+    outs = node.args[0]
+    outs = outs if isinstance(outs, (list, tuple)) else [outs]
+    if len(outs) != 1 or not isinstance(outs[0], fx.Node):
+        raise UsageError(f"the model must return one logits tensor [B, K]; its graph returns {len(outs)} values")
+    return outs[0]

@@ -1,0 +1,175 @@
+"""The LRP engine: one plain forward over the canonized graph, then one backward sweep applying rules.
+
+The forward keeps every node's output (what a gradient keeps too); the backward visits nodes in
+reverse order and hands each node's output relevance to its rule, which returns its inputs'
+relevance. A node read by several others (residual branches) sums what they send back, as
+autograd sums gradients. Everything is batched; nothing loops over samples.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx
+
+from .canonize import canonize
+from .composites import Composite
+from .nodes import display_names, kind, layer_index, nonnegative, normalise, tensor_args
+from .ops import LinearOp, linear_op
+from .rules import Call, LayerRule, Rule
+
+
+@dataclass
+class Step:
+    """One compute node with its kind, rule, graph inputs and (for linear rules) its LinearOp."""
+
+    node: fx.Node
+    kind: str
+    rule: Rule
+    inputs: list[fx.Node]
+    op: LinearOp | None
+    nonneg: bool
+
+
+@dataclass
+class Result:
+    """Input relevance [B, ...], the logits [B, K], and relevance recorded at named layers."""
+
+    relevance: torch.Tensor
+    logits: torch.Tensor
+    recorded: dict[str, torch.Tensor]
+
+
+class UnknownLayer(ValueError):
+    """A layer name that is not in the graph; the message lists close names."""
+
+
+class LRP:
+    """LRP for one graph and one composite, prepared once and applied to any number of batches.
+
+    `graph` is an ATen-level GraphModule (xaicli.graph's representation); it is canonized into a new
+    GraphModule, so neither it nor the model it came from changes. `record` names layers whose
+    output relevance is returned as well.
+    """
+
+    def __init__(self, graph: fx.GraphModule, composite: Composite, record: Sequence[str] = ()):
+        self.graph = canonize(graph)
+        self.constants = dict(self.graph.named_buffers())
+        nodes = list(self.graph.graph.nodes)
+        self.input = next(n for n in nodes if n.op == "placeholder")
+        self.output = next(n for n in nodes if n.op == "output").args[0]
+        self.outputs, self.members = layer_index(nodes)
+        self.names = display_names(nodes)
+        self.steps = self._plan(nodes, composite)
+        self.record = {name: self._output_of(name) for name in record}
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> Result:
+        """Relevance of `x` for the logits `target` [B], starting from R = logit at the target (0 elsewhere)."""
+        env, calls = self._forward(x)
+        logits = env[self.output]
+        index = target.to(logits.device).view(-1, 1)
+        start = torch.zeros_like(logits).scatter_(1, index, logits.gather(1, index))
+        relevance, recorded = self._backward(calls, start)
+        if relevance is None:
+            relevance = torch.zeros_like(x)
+        return Result(relevance, logits, recorded)
+
+    def rules(self) -> list[tuple[str, str, str]]:
+        """(node name, kind, rule name) for every compute node, in graph order."""
+        return [(s.node.name, s.kind, s.rule.name) for s in self.steps]
+
+    def _plan(self, nodes: list[fx.Node], composite: Composite) -> list[Step]:
+        by_name = self._rules_by_name(composite)
+        positive = nonnegative(nodes)
+        steps: list[Step] = []
+        first_open = composite.first is not None
+        for node in nodes:
+            if node.op != "call_function":
+                continue
+            node_kind = kind(node)
+            first = first_open and node_kind in composite.first_kinds
+            first_open = first_open and not first
+            rule = by_name.get(node) or composite.rule_for(node_kind, first)
+            inputs = tensor_args(node)
+            op = linear_op(node, node_kind, self._constant) if isinstance(rule, LayerRule) else None
+            steps.append(Step(node, node_kind, rule, inputs, op, all(n in positive for n in inputs)))
+        return steps
+
+    def _rules_by_name(self, composite: Composite) -> dict[fx.Node, Rule]:
+        """Each named layer's rule on every node inside it that the rule applies to."""
+        out: dict[fx.Node, Rule] = {}
+        for name, rule in composite.by_name.items():
+            members = self.members.get(normalise(name))
+            if members is None:
+                raise UnknownLayer(f"rules_by_name: no layer {name!r} in the model{self._close(name)}")
+            fitting = [n for n in members if kind(n) in rule.kinds]
+            if not fitting:
+                kinds = sorted({kind(n) for n in members})
+                raise ValueError(f"rules_by_name: rule {rule.name!r} applies to none of the nodes of {name!r} "
+                                 f"(kinds: {', '.join(kinds)}; the rule applies to {', '.join(sorted(rule.kinds))})")
+            out.update({n: rule for n in fitting})
+        return out
+
+    def _output_of(self, name: str) -> fx.Node:
+        node = self.outputs.get(normalise(name))
+        if node is None:
+            raise UnknownLayer(f"record_layers: no layer {name!r} in the model{self._close(name)}")
+        return node
+
+    def _close(self, name: str) -> str:
+        close = difflib.get_close_matches(name, self.names, n=5, cutoff=0.5)
+        return f"; close names: {', '.join(close)}" if close else f"; layers include: {', '.join(self.names[:8])}, ..."
+
+    def _constant(self, arg: Any) -> Any:
+        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+            return self.constants[str(arg.target)]
+        return arg
+
+    def _forward(self, x: torch.Tensor) -> tuple[dict[fx.Node, Any], dict[fx.Node, Call]]:
+        env: dict[fx.Node, Any] = {self.input: x.detach()}
+        calls: dict[fx.Node, Call] = {}
+        with torch.no_grad():
+            for step in self.steps:
+                lookup = env
+                leaves = None
+                if step.rule.needs_graph:
+                    leaves = [env[n].detach().requires_grad_(env[n].is_floating_point()) for n in step.inputs]
+                    lookup = {**env, **dict(zip(step.inputs, leaves))}
+                args, kwargs = fx.node.map_arg((step.node.args, step.node.kwargs),
+                                               lambda n: self._constant(n) if n.op == "get_attr" else lookup[n])
+                if leaves is None:
+                    out = step.node.target(*args, **kwargs)
+                    graph_out = None
+                else:
+                    with torch.enable_grad():
+                        graph_out = step.node.target(*args, **kwargs)
+                    out = graph_out.detach() if isinstance(graph_out, torch.Tensor) else graph_out
+                env[step.node] = out
+                if isinstance(out, torch.Tensor) and out.is_floating_point():
+                    calls[step.node] = Call([env[n] for n in step.inputs], out, step.op, step.nonneg, leaves, graph_out)
+        return env, calls
+
+    def _backward(self, calls: dict[fx.Node, Call], start: torch.Tensor
+                  ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        relevance: dict[fx.Node, torch.Tensor] = {self.output: start}
+        wanted = {node: name for name, node in self.record.items()}
+        recorded: dict[str, torch.Tensor] = {}
+        for step in reversed(self.steps):
+            r = relevance.pop(step.node, None)
+            call = calls.pop(step.node, None)
+            if r is None or call is None:
+                continue
+            if step.node in wanted:
+                recorded.update({name: r for name, node in self.record.items() if node is step.node})
+            for node, part in zip(step.inputs, step.rule.relevance(call, r)):
+                if part is not None:
+                    relevance[node] = relevance[node] + part if node in relevance else part
+        return relevance.get(self.input), recorded
+
+
+def explain(graph: fx.GraphModule, x: torch.Tensor, target: torch.Tensor, composite: Composite,
+            record: Iterable[str] = ()) -> Result:
+    """One-off LRP (prepare and apply); keep an `LRP` object to explain many batches."""
+    return LRP(graph, composite, tuple(record))(x, target)

@@ -1,0 +1,212 @@
+"""Linear ops as LRP rules see them: z = op(inputs; modified parameters) and its input-vector product.
+
+Every rule for conv, linear, sum and pool nodes is written once against this interface (rules.py).
+A parameter modifier is `(a, c)`: p -> a·p + c·p⁺ (so p itself is (1, 0), p⁺ is (0, 1), p⁻ is (1, -1)),
+or "ones" / "square". Ops without parameters (sums, pooling) have implicit positive weights, so their
+p⁺ is p, p⁻ is 0, and "ones"/"square" leave them unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+from torch import fx
+
+from .nodes import bind, packet
+
+aten = torch.ops.aten
+
+Mod = Union[tuple[float, float], str]
+P: Mod = (1.0, 0.0)
+POS: Mod = (0.0, 1.0)
+NEG: Mod = (1.0, -1.0)
+
+
+def factor(mod: Mod) -> float:
+    """How a modifier scales the implicit weights of an op without parameters."""
+    return mod[0] + mod[1] if isinstance(mod, tuple) else 1.0
+
+
+class LinearOp:
+    """z = Σ_i W_i u_i + b, linear in its graph inputs u_i; subclasses say what W and b are."""
+
+    parametric = False
+
+    def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
+        """z for inputs `us` and parameters modified by `mod` (bias included when `bias`)."""
+        raise TypeError
+
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Wᵀg per graph input, for parameters modified by `mod`; `like` gives the input shapes."""
+        raise TypeError
+
+    def bias(self, mod: Mod) -> torch.Tensor | float:
+        """The modified bias, broadcastable to z (0 when there is none)."""
+        return 0.0
+
+
+@dataclass
+class _Params:
+    """Modified weights and biases, computed once per modifier."""
+
+    weight: torch.Tensor
+    bias_: torch.Tensor | None
+    cache: dict[Any, torch.Tensor | None] = field(default_factory=dict)
+
+    def w(self, mod: Mod) -> torch.Tensor:
+        key = ("w", mod)
+        if key not in self.cache:
+            self.cache[key] = _modify(self.weight, mod)
+        return self.cache[key]  # type: ignore[return-value]
+
+    def b(self, mod: Mod) -> torch.Tensor | None:
+        key = ("b", mod)
+        if key not in self.cache:
+            self.cache[key] = None if self.bias_ is None or not isinstance(mod, tuple) else _modify(self.bias_, mod)
+        return self.cache[key]
+
+
+def _modify(p: torch.Tensor, mod: Mod) -> torch.Tensor:
+    if mod == "ones":
+        return torch.ones_like(p)
+    if mod == "square":
+        return p * p
+    a, c = mod  # type: ignore[misc]
+    out = a * p if a else torch.zeros_like(p)
+    return out + c * p.clamp(min=0) if c else out
+
+
+class ConvOp(LinearOp):
+    """aten convolutions of any dimension, groups, stride, padding, dilation, transposed or not."""
+
+    parametric = True
+
+    def __init__(self, node: fx.Node, constant: Callable[[Any], Any]):
+        args = bind(node)
+        weight = constant(args["weight"])
+        dims = weight.ndim - 2
+        self.params = _Params(weight, constant(args["bias"]) if args.get("bias") is not None else None)
+        expand = lambda v, d: list(v) * dims if len(list(v)) == 1 else list(v)  # noqa: E731
+        as_list = lambda v: [v] if isinstance(v, int) else list(v)  # noqa: E731
+        self.stride = expand(as_list(args.get("stride", 1)), dims)
+        self.dilation = expand(as_list(args.get("dilation", 1)), dims)
+        self.transposed = packet(node).startswith("conv_transpose") or bool(args.get("transposed", False))
+        self.output_padding = expand(as_list(args.get("output_padding", 0)), dims)
+        self.groups = int(args.get("groups", 1))
+        self.padding = self._padding(args.get("padding", 0), weight, dims)
+
+    def _padding(self, padding: Any, weight: torch.Tensor, dims: int) -> list[int]:
+        if padding == "valid":
+            return [0] * dims
+        if padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, weight.shape[2:])]
+            if any(t % 2 for t in total):
+                raise ValueError("padding='same' with an even kernel pads unevenly; LRP needs explicit padding")
+            return [t // 2 for t in total]
+        as_list = [padding] if isinstance(padding, int) else list(padding)
+        return as_list * dims if len(as_list) == 1 else as_list
+
+    def _conv(self, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return aten.convolution.default(u, w, b, self.stride, self.padding, self.dilation, self.transposed,
+                                        self.output_padding, self.groups)
+
+    def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
+        return self._conv(us[0], self.params.w(mod), self.params.b(mod) if bias else None)
+
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        grad, _, _ = aten.convolution_backward.default(
+            g, like[0], self.params.w(mod), None, self.stride, self.padding, self.dilation, self.transposed,
+            self.output_padding, self.groups, [True, False, False])
+        return [grad]
+
+    def bias(self, mod: Mod) -> torch.Tensor | float:
+        b = self.params.b(mod)
+        return 0.0 if b is None else b.reshape(-1, *[1] * (self.params.weight.ndim - 2))
+
+
+class DenseOp(LinearOp):
+    """aten.linear: z = u Wᵀ + b over the last dimension."""
+
+    parametric = True
+
+    def __init__(self, node: fx.Node, constant: Callable[[Any], Any]):
+        args = bind(node)
+        self.params = _Params(constant(args["weight"]),
+                              constant(args["bias"]) if args.get("bias") is not None else None)
+
+    def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
+        return aten.linear.default(us[0], self.params.w(mod), self.params.b(mod) if bias else None)
+
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [g @ self.params.w(mod)]
+
+    def bias(self, mod: Mod) -> torch.Tensor | float:
+        b = self.params.b(mod)
+        return 0.0 if b is None else b
+
+
+class SumOp(LinearOp):
+    """add / sub: z = Σ_i c_i u_i + constants (the constants act as the bias)."""
+
+    def __init__(self, node: fx.Node, constant: Callable[[Any], Any]):
+        args = bind(node)
+        alpha = args.get("alpha", 1)
+        name = packet(node)
+        first, second = args["self"], args["other"]
+        signs = {"add": (1.0, alpha), "sub": (1.0, -alpha), "rsub": (-alpha, 1.0)}[name]
+        self.coefs: list[float] = []
+        self.const: Any = 0.0
+        for operand, sign in zip((first, second), signs):
+            if isinstance(operand, fx.Node) and operand.op != "get_attr":
+                self.coefs.append(float(sign))
+            else:
+                self.const = self.const + sign * constant(operand)
+
+    def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
+        z = sum(c * u for c, u in zip(self.coefs, us))
+        return factor(mod) * (z + self.const if bias else z)  # type: ignore[return-value]
+
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [_sum_to(factor(mod) * c * g, u.shape) for c, u in zip(self.coefs, like)]
+
+    def bias(self, mod: Mod) -> torch.Tensor | float:
+        return factor(mod) * self.const
+
+
+class FuncOp(LinearOp):
+    """Any op linear in its single graph input without parameters (pooling, mean, sum): run through autograd."""
+
+    def __init__(self, node: fx.Node, constant: Callable[[Any], Any]):
+        self.target = node.target
+        self.args, self.kwargs = fx.node.map_arg((node.args, node.kwargs), constant)
+        self.index = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op != "get_attr"][0]
+
+    def _call(self, u: torch.Tensor) -> torch.Tensor:
+        args = list(self.args)
+        args[self.index] = u
+        return self.target(*args, **self.kwargs)
+
+    def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
+        return factor(mod) * self._call(us[0])
+
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        u = torch.zeros_like(like[0]).requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self._call(u), u, factor(mod) * g)
+        return [grad]
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Undo broadcasting: sum `t` down to `shape`."""
+    if t.shape == shape:
+        return t
+    lead = t.ndim - len(shape)
+    dims = tuple(range(lead)) + tuple(i + lead for i, s in enumerate(shape) if s == 1 and t.shape[i + lead] != 1)
+    return t.sum(dim=dims, keepdim=True).reshape(shape) if dims else t
+
+
+def linear_op(node: fx.Node, node_kind: str, constant: Callable[[Any], Any]) -> LinearOp:
+    """The LinearOp view of a conv, linear, sum or pool node."""
+    table: dict[str, type[LinearOp]] = {"conv": ConvOp, "linear": DenseOp, "sum": SumOp, "pool": FuncOp}
+    return table[node_kind](node, constant)  # type: ignore[call-arg]

@@ -1,0 +1,367 @@
+"""LRP rules: small data-like classes on one mechanism (Bach et al. 2015; Montavon et al. 2019).
+
+A rule for a linear op (conv, linear, sum, pooling) is a tuple of `Share`s. A share is a set of
+`Term`s z_t = op(u_t; modified parameters) whose sum, stabilised, normalises the relevance of the
+outputs it serves; each term sends back u_t ⊙ W_tᵀ(scale · R / stab(Σ z)). That is all any of
+epsilon, gamma, alpha-beta, z⁺, z^B, flat and w² differ in (Zennit 0.5.1's conventions):
+
+- stabiliser: z + ε·sign(z), with sign(0) = +1.
+- gamma: outputs z > 0 share (x⁺, w+γw⁺, b+γb⁺) + (x⁻, w+γw⁻); outputs z < 0 share
+  (x⁺, w+γw⁻, b+γb⁻) + (x⁻, w+γw⁺); outputs z = 0 get nothing.
+- z^B: (x, w, b) − (low, w⁺, b⁺) − (high, w⁻, b⁻); low/high per channel or scalars.
+- flat, w²: input ones, weights ones / w², no bias. (Zennit squares the bias in w²; we drop it,
+  as the rule's definition has no bias and flat drops it too.)
+
+`Pass` hands relevance on unchanged, `Gradient` uses the op's gradient (winner-take-all for max pooling).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from .ops import NEG, P, POS, LinearOp, Mod
+
+
+@dataclass
+class Call:
+    """One node's forward on one batch, kept for its rule's backward."""
+
+    inputs: list[torch.Tensor]  # values of the node's graph inputs, in argument order
+    output: torch.Tensor
+    op: LinearOp | None = None
+    nonneg: bool = False  # inputs known to be >= 0 (e.g. ReLU outputs)
+    leaves: list[torch.Tensor] | None = None  # autograd leaves and output, for the gradient rule
+    graph_out: torch.Tensor | None = None
+
+
+class Rule(ABC):
+    """How one node redistributes the relevance of its output onto its graph inputs."""
+
+    name: ClassVar[str]
+    kinds: ClassVar[frozenset[str]]
+    needs_graph: ClassVar[bool] = False
+
+    @abstractmethod
+    def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
+        """Relevance of each graph input (None: none), given the relevance `r` of the output."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """z = op(input′; params′) (+ bias′): input is x, x+, x-, ones, low or high."""
+
+    input: str
+    mod: Mod
+    bias: bool = True
+    sign: float = 1.0
+
+
+@dataclass(frozen=True)
+class Share:
+    """Terms normalised together; `outputs` limits it to outputs with z > 0 ("pos") or z < 0 ("neg")."""
+
+    terms: tuple[Term, ...]
+    scale: float = 1.0
+    outputs: str = "all"
+
+
+LINEAR_KINDS = frozenset({"conv", "linear", "sum", "pool"})
+
+
+class LayerRule(Rule):
+    """Rules for linear ops, evaluated by `propagate`."""
+
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    stabilizer: float
+
+    @abstractmethod
+    def shares(self) -> tuple[Share, ...]:
+        """The shares this rule splits relevance into."""
+
+    def bound(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"rule {self.name} has no {which} bound")
+
+    def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
+        return propagate(self, call, r)
+
+
+@dataclass(frozen=True)
+class Epsilon(LayerRule):
+    """LRP-ε: z + ε·sign(z) in the denominator; ε = 0 is LRP-0."""
+
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "epsilon"
+
+    @property
+    def stabilizer(self) -> float:  # type: ignore[override]
+        return self.epsilon
+
+    def shares(self) -> tuple[Share, ...]:
+        return (Share((Term("x", P),)),)
+
+
+@dataclass(frozen=True)
+class Norm(LayerRule):
+    """Split in proportion to contributions, ε only a stabiliser (Zennit's Norm, for sums and pooling)."""
+
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "norm"
+
+    def shares(self) -> tuple[Share, ...]:
+        return (Share((Term("x", P),)),)
+
+
+@dataclass(frozen=True)
+class ZPlus(LayerRule):
+    """z⁺: positive contributions only (α1β0), negative inputs paired with negative weights."""
+
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "z_plus"
+
+    def shares(self) -> tuple[Share, ...]:
+        return (Share((Term("x+", POS), Term("x-", NEG, bias=False))),)
+
+
+@dataclass(frozen=True)
+class AlphaBeta(LayerRule):
+    """α·(positive share) − β·(negative share), α − β = 1."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "alpha_beta"
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.beta < 0 or abs(self.alpha - self.beta - 1) > 1e-9:
+            raise ValueError(f"alpha_beta needs alpha, beta >= 0 and alpha - beta = 1; got {self.alpha}, {self.beta}")
+
+    def shares(self) -> tuple[Share, ...]:
+        positive = (Term("x+", POS), Term("x-", NEG, bias=False))
+        negative = (Term("x+", NEG), Term("x-", POS, bias=False))
+        return Share(positive, self.alpha), Share(negative, -self.beta)
+
+
+@dataclass(frozen=True)
+class Gamma(LayerRule):
+    """LRP-γ (generalised to negative inputs and outputs as in Zennit): favour positive contributions."""
+
+    gamma: float = 0.25
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "gamma"
+
+    def __post_init__(self) -> None:
+        if self.gamma < 0:
+            raise ValueError(f"gamma must be >= 0; got {self.gamma}")
+
+    def shares(self) -> tuple[Share, ...]:
+        up, down = (1.0, self.gamma), (1.0 + self.gamma, -self.gamma)  # w + γw⁺, w + γw⁻
+        positive = Share((Term("x+", up), Term("x-", down, bias=False)), outputs="pos")
+        negative = Share((Term("x+", down), Term("x-", up, bias=False)), outputs="neg")
+        return positive, negative
+
+
+Bound = float | tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class ZBox(LayerRule):
+    """z^B for inputs bounded by [low, high] (scalars or one value per channel, in model input space)."""
+
+    low: Bound = -3.0
+    high: Bound = 3.0
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "z_box"
+    kinds: ClassVar[frozenset[str]] = frozenset({"conv", "linear"})
+
+    def __post_init__(self) -> None:
+        lows, highs = _as_tuple(self.low), _as_tuple(self.high)
+        if len(lows) != len(highs) and 1 not in (len(lows), len(highs)):
+            raise ValueError(f"z_box low and high need the same number of values; got {self.low} and {self.high}")
+        if any(lo >= hi for lo, hi in zip(lows * len(highs) if len(lows) == 1 else lows,
+                                          highs * len(lows) if len(highs) == 1 else highs)):
+            raise ValueError(f"z_box needs low < high; got low={self.low}, high={self.high}")
+
+    def shares(self) -> tuple[Share, ...]:
+        return (Share((Term("x", P), Term("low", POS, sign=-1.0), Term("high", NEG, sign=-1.0))),)
+
+    def bound(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        values = _as_tuple(self.low if which == "low" else self.high)
+        if len(values) == 1:
+            return x.new_full((1, *x.shape[1:]), values[0])
+        if x.ndim < 2 or x.shape[1] != len(values):
+            raise ValueError(f"z_box {which} has {len(values)} values but the layer input has shape {tuple(x.shape)}")
+        t = torch.tensor(values, dtype=x.dtype, device=x.device).reshape(1, -1, *[1] * (x.ndim - 2))
+        return t.expand(1, *x.shape[1:])
+
+
+def _as_tuple(value: Bound) -> tuple[float, ...]:
+    return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value),)
+
+
+@dataclass(frozen=True)
+class Flat(LayerRule):
+    """Uniform split over each output's receptive field (Lapuschkin et al. 2019)."""
+
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "flat"
+
+    def shares(self) -> tuple[Share, ...]:
+        return (Share((Term("ones", "ones", bias=False),)),)
+
+
+@dataclass(frozen=True)
+class WSquare(LayerRule):
+    """w²: split in proportion to squared weights (Montavon et al. 2017)."""
+
+    stabilizer: float = 1e-6
+    name: ClassVar[str] = "w_square"
+    kinds: ClassVar[frozenset[str]] = frozenset({"conv", "linear"})
+
+    def shares(self) -> tuple[Share, ...]:
+        return (Share((Term("ones", "square", bias=False),)),)
+
+
+@dataclass(frozen=True)
+class Pass(Rule):
+    """Relevance passes unchanged to the input of the output's shape (split evenly if several)."""
+
+    name: ClassVar[str] = "pass"
+    kinds: ClassVar[frozenset[str]] = frozenset({"activation", "norm", "gate"})
+
+    def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
+        full = [i for i, x in enumerate(call.inputs) if x.shape == r.shape] or list(range(len(call.inputs)))
+        share = r / len(full) if len(full) > 1 else r
+        return [share if i in full else None for i in range(len(call.inputs))]
+
+
+@dataclass(frozen=True)
+class Gradient(Rule):
+    """The op's own vector-Jacobian product: winner-take-all for max pooling, exact for re-arrangements."""
+
+    name: ClassVar[str] = "gradient"
+    kinds: ClassVar[frozenset[str]] = frozenset(
+        {"conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "gate", "shape", "other"})
+    needs_graph: ClassVar[bool] = True
+
+    def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
+        assert call.leaves is not None and call.graph_out is not None
+        grads = torch.autograd.grad(call.graph_out, call.leaves, r, allow_unused=True)
+        return list(grads)
+
+
+def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """z + ε·sign(z), with sign(0) = +1, so no denominator is zero."""
+    return z + torch.where(z >= 0, epsilon, -epsilon)
+
+
+def propagate(rule: LayerRule, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
+    """Relevance of a linear op's inputs under `rule`: one vjp per distinct (input, parameters) pair."""
+    ctx = _Terms(rule, call)
+    grads: dict[tuple[str, Mod], torch.Tensor] = {}
+    for share in rule.shares():
+        selected = _select(r, call.output, share.outputs)
+        if selected is None:
+            continue
+        terms = [(ctx.resolve(t.input), t) for t in share.terms]
+        terms = [(name, t) for name, t in terms if name is not None]
+        den = _sum(t.sign * ctx.z(name, t.mod, t.bias) for name, t in terms)
+        s = selected / stabilize(den, rule.stabilizer)
+        for name, t in terms:
+            key = (name, t.mod)
+            g = s if share.scale * t.sign == 1.0 else share.scale * t.sign * s
+            grads[key] = grads[key] + g if key in grads else g
+    out: list[torch.Tensor | None] = [None] * len(call.inputs)
+    for (name, mod), g in grads.items():
+        us = ctx.inputs(name, full=True)
+        for i, v in enumerate(call.op.vjp(g, mod, call.inputs)):  # type: ignore[union-attr]
+            part = v if us is None else us[i] * v
+            out[i] = part if out[i] is None else out[i] + part
+    return out
+
+
+def _select(r: torch.Tensor, z: torch.Tensor, outputs: str) -> torch.Tensor | None:
+    if outputs == "all":
+        return r
+    mask = z > 0 if outputs == "pos" else z < 0
+    selected = r * mask
+    return selected if bool(selected.any()) else None
+
+
+def _sum(values: Any) -> torch.Tensor:
+    total = None
+    for v in values:
+        total = v if total is None else total + v
+    return total  # type: ignore[return-value]
+
+
+class _Terms:
+    """Term inputs and outputs of one call, each computed once; uses z(x; a·w + c·w⁺) = a·z(x; w) + c·z(x; w⁺)."""
+
+    def __init__(self, rule: LayerRule, call: Call):
+        self.rule, self.call, self.op = rule, call, call.op
+        self.cache: dict[Any, Any] = {}
+        self.nonneg = call.nonneg
+
+    def resolve(self, name: str) -> str | None:
+        """x⁺ is x and x⁻ vanishes for non-negative inputs (checked once per call when not known)."""
+        if name not in ("x+", "x-"):
+            return name
+        if "nonneg" not in self.cache:
+            self.cache["nonneg"] = self.nonneg or not any(bool((x < 0).any()) for x in self.call.inputs)
+        if self.cache["nonneg"]:
+            return "x" if name == "x+" else None
+        return name
+
+    def inputs(self, name: str, full: bool) -> list[torch.Tensor] | None:
+        """Modified inputs: batch-sized for x±, one broadcastable sample for constants (None: ones in a product)."""
+        key = ("in", name, full)
+        if key not in self.cache:
+            xs = self.call.inputs
+            if name == "x":
+                value = xs
+            elif name == "x+":
+                value = [x.clamp(min=0) for x in xs]
+            elif name == "x-":
+                value = [x.clamp(max=0) for x in xs]
+            elif name == "ones":
+                value = None if full else [x.new_ones((1, *x.shape[1:])) for x in xs]
+            else:
+                value = [self.rule.bound(name, x) for x in xs]
+            self.cache[key] = value
+        return self.cache[key]
+
+    def z(self, name: str, mod: Mod, bias: bool) -> torch.Tensor:
+        key = ("z", name, mod, bias)
+        if key not in self.cache:
+            if name == "x" and isinstance(mod, tuple):
+                self.cache[key] = self._z_of_x(mod, bias)
+            else:
+                self.cache[key] = self.op.apply(self.inputs(name, full=False), mod, bias)  # type: ignore[union-attr]
+        return self.cache[key]
+
+    def _z_of_x(self, mod: tuple[float, float], bias: bool) -> torch.Tensor:
+        op, out = self.op, self.call.output
+        a, c = mod
+        base = out if bias else out - op.bias(P)  # type: ignore[union-attr]
+        if not op.parametric:  # type: ignore[union-attr]
+            return (a + c) * base
+        z = a * base if a else None
+        if c:
+            pos = self._positive(bias)
+            z = c * pos if z is None else z + c * pos
+        return z if z is not None else torch.zeros_like(out)
+
+    def _positive(self, bias: bool) -> torch.Tensor:
+        key = ("pos", bias)
+        if key not in self.cache:
+            self.cache[key] = self.op.apply(self.call.inputs, POS, bias)  # type: ignore[union-attr]
+        return self.cache[key]
+
+
+RULES: dict[str, type[Rule]] = {
+    cls.name: cls for cls in (Epsilon, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, Gradient)
+}
+"""Rule classes by their spec name (`rules_by_type: {conv: gamma}`)."""

@@ -1,0 +1,527 @@
+"""Recipes: one YAML mapping describes a whole run; every problem is reported with its key and line.
+
+`load_recipe` parses a file (keeping the line of every key), applies `--set key.sub=value`
+overrides and checks the schema (`FIELDS`); `validate_plugins` then checks plugin names and
+parameters against a registry. Problems are collected and raised together as one RecipeError.
+
+Paths (inputs, output, labels, a target CSV, masks, from_run, a model file, model_options.weights):
+- written in a recipe file, a relative path is relative to the file's folder, so a recipe runs
+  from any working directory; given through `--set`, the CLI or Python (`from_mapping` without
+  `source`), it is relative to the current directory. Defaults (output `xai-out`) are relative
+  to the current directory. A `Recipe` holds every path absolute and normalised.
+- `dump_recipe` writes a path relative to the folder the recipe is saved in when it lies in that
+  folder or next to it (at most one `..`), so a project moved as a whole keeps working; a path
+  further away is written absolute. A recipe re-saved beside itself keeps its paths as written.
+`timm:NAME` (any `scheme:` prefix of two or more letters) is a model name, not a path.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+from .errors import UsageError
+from .params import Param, ParamErrors, resolve
+from .suggest import did_you_mean
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+
+FIELDS: tuple[Param, ...] = (
+    Param("model", str, None, "TorchScript file (.pt/.ts), ONNX file (.onnx) or timm:NAME"),
+    Param("model_options", dict, {}, "parameters of the loader that claims the model"),
+    Param("preprocess", dict, {}, "overrides of the model's input spec (size, mean, std, ...)"),
+    Param("labels", str, None, "class names, one per line"),
+    Param("inputs", (str, list), None, "files, folders or globs to explain"),
+    Param("output", str, "xai-out", "output folder"),
+    Param("seed", int, 0, "seed of the per-input random streams"),
+    Param("batch_size", int, 16, "inputs per batch", low=1),
+    Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
+    Param("workers", int, 4, "decode threads", low=1),
+    Param("target", (int, str), None, "null: predicted class; int: that class; str: CSV file of path,target", low=0),
+    Param("overwrite", bool, False, "redo inputs whose outputs exist"),
+    Param("methods", dict, {}, "output name -> method parameters (`method:` defaults to the name)"),
+    Param("writers", dict, {"png": {}, "npz": {}}, "writer name -> parameters"),
+    Param("metrics", dict, {}, "output name -> metric parameters (`metric:` defaults to the name)"),
+    Param("thresholds", dict, {}, "metric output name -> {min: x} and/or {max: y}"),
+    Param("masks", str, None, "folder of ground-truth masks (localisation metrics)"),
+    Param("from_run", str, None, "an earlier `xai explain` output folder whose arrays `xai evaluate` scores"),
+)
+"""The recipe schema, in the order `dump_recipe` writes it. A null value means the default."""
+
+REQUIRED = ("model", "inputs")
+
+PREPROCESS: tuple[Param, ...] = (
+    Param("size", (int, list), None, "model input size: an int or [height, width]", low=1),
+    Param("mean", (float, list), None, "per-channel mean: one value or one per channel"),
+    Param("std", (float, list), None, "per-channel standard deviation: one value or one per channel"),
+    Param("interpolation", str, None, "resize filter", choices=INTERPOLATIONS),
+    Param("crop_pct", float, None, "center-crop fraction: the short side is resized to size / crop_pct", low=0.01, high=1.0),
+    Param("channels", int, None, "input channels (1 grey, 3 RGB)", low=1),
+)
+
+_TABLES = (("methods", "method", "method"), ("metrics", "metric", "metric"), ("writers", "writer", None))
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9_+.-]+:")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_MERGE = "tag:yaml.org,2002:merge"
+_CONTAINER_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a recipe: the key path, where it was written, and what is wrong."""
+
+    key: str
+    line: int | None
+    message: str
+    source: str | None = None  # the recipe file, "--set", or None for Python mappings
+
+    def __str__(self) -> str:
+        where = f"{self.source or ''}:{self.line}" if self.line is not None else self.source or ""
+        head = ": ".join(part for part in (where, self.key) if part)
+        return f"{head}: {self.message}" if head else self.message
+
+
+class RecipeError(UsageError):
+    """Every problem of a recipe at once; str() has one line per problem."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(map(str, self.problems)))
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A validated run description; see FIELDS. Paths are absolute (module docstring)."""
+
+    model: str
+    model_options: dict[str, Any]
+    preprocess: dict[str, Any]
+    labels: str | None
+    inputs: list[str]
+    output: str
+    seed: int
+    batch_size: int
+    device: str
+    workers: int
+    target: int | str | None
+    overwrite: bool
+    methods: dict[str, dict[str, Any]]
+    writers: dict[str, dict[str, Any]]
+    metrics: dict[str, dict[str, Any]]
+    thresholds: dict[str, dict[str, float]]
+    masks: str | None
+    from_run: str | None
+    source: Path | None = field(default=None, compare=False)
+    lines: dict[str, int] = field(default_factory=dict, compare=False)  # key path -> 1-based line in source
+    overrides: tuple[str, ...] = field(default=(), compare=False)  # key paths set by --set
+
+
+@dataclass
+class _Report:
+    """Collects problems and knows where each key path came from (file line or --set)."""
+
+    source: str | None
+    lines: dict[str, int]
+    overrides: tuple[str, ...] = ()
+    problems: list[Problem] = field(default_factory=list)
+
+    def overridden(self, key: str) -> bool:
+        return any(key == s or key.startswith(s + ".") for s in self.overrides)
+
+    def add(self, key: str, message: str, line: int | None = None) -> None:
+        if line is not None:
+            problem = Problem(key, line, message, self.source)
+        elif self.overridden(key) or (key not in self.lines and any(s.startswith(key + ".") for s in self.overrides)):
+            problem = Problem(key, None, message, "--set")
+        else:
+            problem = Problem(key, self._line(key), message, self.source)
+        if problem not in self.problems:  # a node reached twice through a YAML alias
+            self.problems.append(problem)
+
+    def _line(self, key: str) -> int | None:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):
+            if (line := self.lines.get(".".join(parts[:n]))) is not None:
+                return line
+        return None
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise RecipeError(sorted(self.problems, key=lambda p: (p.line is None, p.line or 0)))
+
+
+class _Reader:
+    """Plain data from composed YAML nodes, recording the line of every key path.
+
+    PyYAML's own loader keeps the last of duplicate keys silently and forgets lines; reading the
+    composed nodes reports duplicates (with both lines) and lets errors name their line.
+    """
+
+    def __init__(self, report: _Report):
+        self.report = report
+        self.constructor = SafeConstructor()
+        self.active: set[int] = set()
+
+    def value(self, node: yaml.Node, path: str) -> Any:
+        line = node.start_mark.line + 1
+        if id(node) in self.active:
+            self.report.add(path, "recursive YAML alias", line)
+            return None
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _CONTAINER_TAGS:
+            self.report.add(path, f"unsupported YAML tag {node.tag}", line)
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(node, path)
+            if isinstance(node, yaml.SequenceNode):
+                return [self.value(item, self.record(path, str(i), item)) for i, item in enumerate(node.value)]
+            return self.constructor.construct_object(node)
+        except yaml.YAMLError as exc:
+            self.report.add(path, f"cannot read value: {getattr(exc, 'problem', None) or exc}", line)
+            return None
+        finally:
+            self.active.discard(id(node))
+
+    def mapping(self, node: yaml.MappingNode, path: str) -> dict[str, Any]:
+        own = sum(1 for key, _ in node.value if key.tag != _MERGE)
+        self.constructor.flatten_mapping(node)  # `<<: *anchor` merges go first, own keys last
+        merged = len(node.value) - own
+        out: dict[str, Any] = {}
+        first: dict[str, int] = {}
+        for i, (key_node, value_node) in enumerate(node.value):
+            name = self.key(key_node, path)
+            line = key_node.start_mark.line + 1
+            if i >= merged and name in first:
+                lines = f"lines {first[name]} and {line}" if first[name] != line else f"twice on line {line}"
+                self.report.add(_join(path, name), f"duplicate key ({lines}); keep one", line)
+            if i >= merged:
+                first.setdefault(name, line)
+            out[name] = self.value(value_node, self.record(path, name, key_node))
+        return out
+
+    def key(self, node: yaml.Node, path: str) -> str:
+        try:
+            name = self.constructor.construct_object(node) if isinstance(node, yaml.ScalarNode) else None
+        except yaml.YAMLError:
+            name = None
+        if isinstance(name, str):
+            return name
+        text = str(node.value) if isinstance(node, yaml.ScalarNode) else "?"
+        self.report.add(_join(path, text), "keys must be strings (quote it)", node.start_mark.line + 1)
+        return text
+
+    def record(self, path: str, name: str, node: yaml.Node) -> str:
+        key = _join(path, name)
+        self.report.lines[key] = node.start_mark.line + 1
+        return key
+
+
+def load_recipe(path: str | Path, sets: Sequence[str] = (), registry: Registry | None = None) -> Recipe:
+    """Read a recipe file, apply `--set` overrides and check the schema; raise RecipeError with every problem.
+
+    With a `registry`, plugin names and parameters are checked in the same pass (see
+    `validate_plugins`), so one error lists every problem of the recipe.
+    """
+    path = Path(path)
+    report = _Report(str(path), {})
+    try:
+        text = path.read_text(encoding="utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except OSError as exc:
+        raise RecipeError([Problem("", None, f"cannot read recipe: {exc.strerror or exc}", str(path))]) from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError([Problem("", None, f"not UTF-8 text: {exc.reason}", str(path))]) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        message = getattr(exc, "problem", None) or str(exc)
+        line = mark.line + 1 if mark is not None else None
+        raise RecipeError([Problem("", line, f"invalid YAML: {message}", str(path))]) from exc
+    data = _Reader(report).value(node, "") if node is not None else None
+    return _build(data, sets, path, report, registry)
+
+
+def from_mapping(
+    data: dict,
+    sets: Sequence[str] = (),
+    source: str | Path | None = None,
+    lines: dict[str, int] | None = None,
+    registry: Registry | None = None,
+) -> Recipe:
+    """Build a Recipe from a mapping (CLI flags, Python, parsed YAML); relative paths resolve against
+    `source`'s folder when given, else the current directory. `registry` as in `load_recipe`."""
+    source = None if source is None else Path(source)
+    report = _Report(None if source is None else str(source), dict(lines or {}))
+    return _build(data, sets, source, report, registry)
+
+
+def apply_sets(data: dict, sets: Sequence[str]) -> dict:
+    """A copy of `data` with `key.sub=value` overrides applied; values are YAML scalars or flow
+    collections (`32`, `true`, `[1, 2]`, `{abs: true}`, `abc`); missing mappings are created."""
+    report = _Report(None, {})
+    out = _apply_sets(_plain(data), sets, report)
+    report.raise_if_any()
+    return out
+
+
+def _apply_sets(data: dict, sets: Sequence[str], report: _Report) -> dict:
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not sep or "" in parts:
+            report.problems.append(Problem(item, None, "expected KEY=VALUE, e.g. methods.occlusion.window=32", "--set"))
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            report.problems.append(Problem(key, None, f"cannot parse value {text!r}: {getattr(exc, 'problem', exc)}", "--set"))
+            continue
+        node = data
+        for depth, part in enumerate(parts[:-1], 1):
+            if node.get(part) is None:
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                parent = ".".join(parts[:depth])
+                message = f"cannot set {key}: {parent} is {_kind(node[part])}, not a mapping"
+                report.problems.append(Problem(parent, None, message, "--set"))
+                break
+            node = node[part]
+        else:
+            node[parts[-1]] = value
+            report.overrides += (key,)
+    return data
+
+
+def _build(data: Any, sets: Sequence[str], source: Path | None, report: _Report, registry: Registry | None) -> Recipe:
+    if not isinstance(data, dict):
+        report.add("", f"a recipe is a mapping of keys (model, inputs, methods, ...); got {_kind(data)}")
+        report.raise_if_any()
+    data = _apply_sets(_plain(data), sets, report)
+    report.lines = {k: v for k, v in report.lines.items() if not report.overridden(k)}
+    values = _check_fields(data, report)
+    folder = source.resolve().parent if source is not None else None
+
+    def absolute(path: str, key: str) -> str:
+        from_file = folder is not None and key.split(".")[0] in data and not report.overridden(key)
+        return os.path.normpath(os.path.join(folder if from_file else os.getcwd(), os.path.expanduser(path)))
+
+    _map_paths(values, absolute)
+    recipe = Recipe(**values, source=source, lines=report.lines, overrides=report.overrides)
+    if registry is not None:
+        _check_plugins(recipe, registry, report)
+    report.raise_if_any()
+    return recipe
+
+
+def _check_fields(data: dict, report: _Report) -> dict[str, Any]:
+    known = {p.name for p in FIELDS}
+    for key in data:
+        if key not in known:
+            report.add(str(key), f"unknown key{did_you_mean(str(key), known)}")
+    values: dict[str, Any] = {}
+    for p in FIELDS:
+        values[p.name] = copy.deepcopy(p.default)
+        if data.get(p.name) is None:
+            if p.name in REQUIRED and not any(q.key == p.name for q in report.problems):  # not unreadable
+                report.add(p.name, f"missing required key ({p.doc})")
+            continue
+        try:
+            values[p.name] = p.check(data[p.name])
+        except ValueError as exc:
+            report.add(p.name, str(exc))
+    values["inputs"] = _inputs(values["inputs"], report)
+    if not _DEVICE.fullmatch(values["device"]):
+        report.add("device", f"expected auto, cpu, cuda or cuda:N; got {values['device']!r}")
+    values["preprocess"] = _preprocess(values["preprocess"], report)
+    for table, _, alias in _TABLES:
+        values[table] = _plugin_table(values[table], table, alias, report)
+    values["thresholds"] = _thresholds(values["thresholds"], values["metrics"], report)
+    return values
+
+
+def _inputs(inputs: str | list | None, report: _Report) -> list[str]:
+    items = [inputs] if isinstance(inputs, str) else list(inputs or [])
+    if inputs is not None and not items:
+        report.add("inputs", "list at least one file, folder or glob")
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not item:
+            report.add(f"inputs.{i}", f"expected a file, folder or glob; got {_kind(item)}")
+    return items
+
+
+def _preprocess(given: dict, report: _Report) -> dict[str, Any]:
+    values = _resolve(PREPROCESS, given, "preprocess", report)
+    if values is None:
+        return given
+    values = {k: v for k, v in values.items() if k in given}
+    size = values.get("size")
+    if isinstance(size, list) and (len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size)):
+        report.add("preprocess.size", f"expected an int or [height, width] of positive ints; got {size!r}")
+    for key in ("mean", "std"):
+        value = values.get(key)
+        numbers = value if isinstance(value, list) else [value]
+        if value is not None and (not numbers or not all(_is_number(v) for v in numbers)):
+            report.add(f"preprocess.{key}", f"expected a number or a list of numbers; got {value!r}")
+        elif key == "std" and value is not None and not all(v > 0 for v in numbers):
+            report.add("preprocess.std", f"must be > 0; got {value!r}")
+        elif values.get("channels") and len(numbers) not in (1, values["channels"]):
+            report.add(f"preprocess.{key}", f"give one value or one per channel ({values['channels']}); got {value!r}")
+    return values
+
+
+def _plugin_table(table: dict, name: str, alias: str | None, report: _Report) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for entry, params in table.items():
+        key = f"{name}.{entry}"
+        if not isinstance(entry, str) or not _NAME.fullmatch(entry):
+            report.add(key, "names become folder names: use letters, digits, '_', '+' and '-'")
+            continue
+        if params is not None and not isinstance(params, dict):
+            report.add(key, f"expected a mapping of parameters (or nothing for defaults); got {_kind(params)}")
+            continue
+        params = dict(params or {})
+        if alias and alias in params and not isinstance(params[alias], str):
+            report.add(f"{key}.{alias}", f"expected a {alias} name; got {_kind(params[alias])}")
+            continue
+        out[entry] = params
+    return out
+
+
+def _thresholds(table: dict, metrics: dict, report: _Report) -> dict[str, dict[str, float]]:
+    bound = Param("bound", float, 0.0, "")
+    out: dict[str, dict[str, float]] = {}
+    for name, bounds in table.items():
+        key = f"thresholds.{name}"
+        metric = str(name).split("/")[0]  # `mprt/layer3` names a detail of the mprt output
+        if metric not in metrics:
+            report.add(key, f"no metric output {metric!r} under metrics{did_you_mean(metric, metrics)}")
+        if not isinstance(bounds, dict) or not bounds:
+            report.add(key, f"expected {{min: x}} and/or {{max: y}}; got {_kind(bounds)}")
+            continue
+        checked: dict[str, float] = {}
+        for side, value in bounds.items():
+            if side not in ("min", "max"):
+                report.add(f"{key}.{side}", f"unknown bound{did_you_mean(str(side), ('min', 'max'))}; use min or max")
+                continue
+            try:
+                checked[side] = bound.check(value)
+            except ValueError as exc:
+                report.add(f"{key}.{side}", str(exc))
+        if checked.get("min", float("-inf")) > checked.get("max", float("inf")):
+            report.add(key, f"min {checked['min']} is above max {checked['max']}")
+        out[name] = checked
+    return out
+
+
+def validate_plugins(recipe: Recipe, registry: Registry) -> dict[str, dict[str, Any]]:
+    """Check plugin names and parameters against `registry`; return them resolved with defaults:
+    {"methods": {out: {"method": name, **params}}, "metrics": {out: {"metric": name, **params}},
+    "writers": {name: params}, "model_options": params}. Raise RecipeError with every problem."""
+    report = _Report(None if recipe.source is None else str(recipe.source), recipe.lines, recipe.overrides)
+    resolved = _check_plugins(recipe, registry, report)
+    report.raise_if_any()
+    return resolved
+
+
+def _check_plugins(recipe: Recipe, registry: Registry, report: _Report) -> dict[str, dict[str, Any]]:
+    resolved: dict[str, dict[str, Any]] = {"methods": {}, "metrics": {}, "writers": {}, "model_options": {}}
+    for table, kind, alias in _TABLES:
+        for entry, params in getattr(recipe, table).items():
+            key = f"{table}.{entry}"
+            name = params.get(alias, entry) if alias else entry
+            try:
+                plugin = registry.get(kind, name)
+            except UsageError as exc:
+                report.add(f"{key}.{alias}" if alias and alias in params else key, str(exc))
+                continue
+            if getattr(plugin, "needs_masks", False) and recipe.masks is None:
+                report.add(key, f"metric {name!r} needs ground-truth masks: set `masks:` to a folder of masks")
+            values = _resolve(plugin.params, params, key, report, (alias,) if alias else ())
+            if values is not None:
+                resolved[table][entry] = {alias: name, **values} if alias else values
+    if recipe.model is None:  # already reported as missing
+        return resolved
+    try:
+        loader = registry.loader_for(recipe.model)
+    except UsageError as exc:
+        report.add("model", str(exc))
+    else:
+        resolved["model_options"] = _resolve(loader.params, recipe.model_options, "model_options", report) or {}
+    return resolved
+
+
+def _resolve(declared: Sequence[Param], given: dict, key: str, report: _Report, reserved: Sequence[str] = ()) -> dict | None:
+    """`params.resolve` with each problem reported under `key`; None when there were problems."""
+    try:
+        return resolve(declared, given, reserved)
+    except ParamErrors as exc:
+        for error in exc.errors:
+            report.add(f"{key}.{error.key}", error.message)
+        return None
+
+
+def dump_recipe(recipe: Recipe, folder: str | Path | None = None) -> str:
+    """YAML text of `recipe` (keys in schema order, nulls left out) that reads back to an equal Recipe
+    when saved in `folder` (default: the recipe's own folder, else the current directory)."""
+    base = Path(folder) if folder is not None else recipe.source.parent if recipe.source is not None else Path.cwd()
+    base = base.resolve()
+
+    def relative(path: str, key: str) -> str:
+        try:
+            rel = os.path.relpath(path, base)
+        except ValueError:  # another drive
+            return path
+        return path if rel.startswith(os.path.join(os.pardir, os.pardir)) else rel
+
+    data = {f.name: copy.deepcopy(getattr(recipe, f.name)) for f in fields(recipe) if f.compare}
+    _map_paths(data, relative)
+    data = {k: v for k, v in data.items() if v is not None}
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True)
+
+
+def _map_paths(values: dict[str, Any], fn: Callable[[str, str], str]) -> None:
+    """Replace every path value of a checked recipe mapping by fn(path, key path), in place."""
+    for key in ("labels", "output", "masks", "from_run", "target"):
+        if isinstance(values.get(key), str):
+            values[key] = fn(values[key], key)
+    if isinstance(values.get("model"), str) and not _SCHEME.match(values["model"]):
+        values["model"] = fn(values["model"], "model")
+    values["inputs"] = [fn(p, f"inputs.{i}") if isinstance(p, str) else p for i, p in enumerate(values.get("inputs") or [])]
+    options = values.get("model_options")
+    if isinstance(options, dict) and isinstance(options.get("weights"), str):
+        options["weights"] = fn(options["weights"], "model_options.weights")
+
+
+def _plain(value: Any) -> Any:
+    """A deep copy with tuples as lists and Paths as str (what YAML would have given)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
