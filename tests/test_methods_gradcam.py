@@ -26,7 +26,7 @@ def model(digits) -> Model:
 def test_default_layer_matches_captum_on_trained_cnn(model, digits, interpolation):
     x, t = digits.x[:6], digits.y[:6]
     ours = gradcam(model, x, t, BatchRNG(range(6)), interpolation=interpolation, max_batch=4)
-    cam = LayerGradCam(digits.module, digits.module[8]).attribute(x, target=t, relu_attributions=True)
+    cam = LayerGradCam(digits.module, digits.module[10]).attribute(x, target=t, relu_attributions=True)
     ref = LayerAttribution.interpolate(cam, (32, 32), interpolate_mode=interpolation)
     assert cam.shape == (6, 1, 8, 8) and ref.abs().max() > 0
     assert relative_error(ours.relevance, ref) <= 1e-5
@@ -53,7 +53,7 @@ def test_module_path_and_default_match_captum_on_resnet(resnet):
 def test_gradcam_plus_plus_matches_the_closed_form(model, digits):
     x, t = digits.x[:4], digits.y[:4]
     acts = []
-    handle = digits.module[8].register_forward_hook(lambda m, i, o: acts.append(o))
+    handle = digits.module[10].register_forward_hook(lambda m, i, o: acts.append(o))
     score = digits.module(x).gather(1, t[:, None]).sum()
     handle.remove()
     (g,) = torch.autograd.grad(score, acts[0])
@@ -65,14 +65,24 @@ def test_gradcam_plus_plus_matches_the_closed_form(model, digits):
     assert relative_error(ours.extras["cam"], cam[:, 0]) <= 1e-5
 
 
-def test_node_name_layer_and_unknown_layer(model, digits):
+def test_layer_by_name_and_unknown_layer(model, digits):
     x, t = digits.x[:2], digits.y[:2]
-    by_module = gradcam(model, x, t, BatchRNG([0, 1]), layer="4")  # Sequential index 4: second conv
-    graph = model.extra["fx_graph"]
-    node = [n for n in graph.graph.nodes if n.op == "call_function"
-            and "4" in [p for p, _ in n.meta["nn_module_stack"].values()]][-1]
-    by_node = gradcam(model, x, t, BatchRNG([0, 1]), layer=node.name)
-    assert by_module.extras["cam"].shape == (2, 16, 16)
-    assert torch.equal(by_module.relevance, by_node.relevance)
-    with pytest.raises(UsageError, match="no node or module named 'layer9'"):
+    by_layer = gradcam(model, x, t, BatchRNG([0, 1]), layer="4")  # Sequential index 4: the second conv
+    by_node = gradcam(model, x, t, BatchRNG([0, 1]), layer="_4")
+    cam = LayerGradCam(digits.module, digits.module[4]).attribute(x, target=t, relu_attributions=True)
+    assert by_layer.extras["cam"].shape == (2, 16, 16)
+    assert torch.equal(by_layer.relevance, by_node.relevance)
+    assert torch.allclose(by_layer.extras["cam"], cam[:, 0], atol=1e-6)
+    with pytest.raises(UsageError, match="no layer 'layer9'"):
         gradcam(model, x, t, BatchRNG([0, 1]), layer="layer9")
+
+
+def test_torchscript_and_onnx_models_give_the_eager_maps(model, digits):
+    """No module hooks: the same graph-based computation serves every format."""
+    from xaicli.registry import default_registry
+
+    x, t = digits.x[:4], digits.y[:4]
+    eager = gradcam(model, x, t, BatchRNG(range(4))).relevance
+    for path in (digits.torchscript, digits.onnx):
+        other = default_registry().loader_for(str(path)).load(str(path), torch.device("cpu"))
+        assert relative_error(gradcam(other, x, t, BatchRNG(range(4))).relevance, eager) <= 1e-4, path

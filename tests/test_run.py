@@ -110,14 +110,12 @@ def _bad_folder(root: Path, digits) -> tuple[list[str], list[str]]:
     Image.fromarray((np.asarray(src.convert("L"), np.uint16) * 257)).save(root / "deep16.png")
     src.convert("RGB").save(root / "rgb.jpg")
     src.convert("P").save(root / "palette.bmp")
-    full = (root / "rgb.jpg").read_bytes()
     png = root / "tmp.png"
     src.convert("RGB").resize((64, 64)).save(png)
     (root / "truncated.png").write_bytes(png.read_bytes()[: len(png.read_bytes()) // 2])
     png.unlink()
     (root / "notes.jpg").write_text("this is not an image")
     (root / "empty.png").write_bytes(b"")
-    assert full
     return ["deep16", "gray", "palette", "rgb", "rgba"], ["empty.png", "notes.jpg", "truncated.png"]
 
 
@@ -150,7 +148,9 @@ def test_batch_size_does_not_change_arrays_and_runs_repeat(digits, tmp_path):
     for method in ("saliency", "occlusion"):
         one, eight, again = (runs[n][method] for n in ("b1", "b8", "b8again"))
         assert one.keys() == eight.keys()
-        assert max(np.abs(one[k]["relevance"] - eight[k]["relevance"]).max() for k in one) <= 1e-6
+        # float32 kernels block differently per batch size: equal up to rounding (1e-6 of the relevance scale)
+        scale = max(1.0, max(np.abs(one[k]["relevance"]).max() for k in one))
+        assert max(np.abs(one[k]["relevance"] - eight[k]["relevance"]).max() for k in one) <= 1e-6 * scale
         assert all(np.array_equal(eight[k]["relevance"], again[k]["relevance"]) for k in eight)
 
 

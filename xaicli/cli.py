@@ -186,7 +186,8 @@ def evaluate(
             for text in texts:
                 key, value = parse_threshold(text)
                 thresholds.setdefault(key, {})[bound] = value
-        extra: dict[str, Any] = {"metrics": {m: {} for m in metric}, "overwrite": True}
+        # scores only by default; `--set writers.png.colormap=...` adds heatmaps too
+        extra: dict[str, Any] = {"metrics": {m: {} for m in metric}, "overwrite": True, "writers": {}}
         if thresholds:
             extra["thresholds"] = thresholds
         if masks:

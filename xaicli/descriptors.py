@@ -83,8 +83,9 @@ class Metric:
 class MetricContext:
     """What a metric may use beyond the arrays: re-explaining, masks, random streams.
 
-    `explain(x, target, model=None)` re-runs the method under evaluation (same parameters) on
-    new inputs, optionally on another model (randomisation metrics). `masks` is [B,1,H,W] bool.
+    `explain(x, target, model=None, rng=None)` re-runs the method under evaluation (same
+    parameters) on new inputs, optionally on another model (randomisation metrics); without `rng`,
+    rows of x are taken as input-major copies ([B, k] flattened) and get per-copy streams. `masks` is [B,1,H,W] bool.
     A metric with more than one number per input (MPRT's per-layer similarities) returns its
     headline score and adds the others to `details` (name -> Tensor[B]); they are reported as
     `<metric>/<name>`.

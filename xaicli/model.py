@@ -64,13 +64,25 @@ class Model:
 
     @property
     def differentiable(self) -> bool:
-        """True when gradients w.r.t. the input can flow through `__call__`."""
-        return self.module is not None
+        """True when gradients w.r.t. the input can flow through `__call__`: a torch module, or
+        an ONNX file whose converted graph (`graph()`) carries them."""
+        from .graph import graph_source
+
+        return graph_source(self) is not None
+
+    def graph(self) -> torch.fx.GraphModule:
+        """The model as one ATen-level torch graph (see xaicli.graph), built on first use and cached."""
+        from .graph import to_graph
+
+        return to_graph(self)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, classes] for model input x [B, C, H, W] on `device`."""
+        """Logits [B, classes] for model input x [B, C, H, W] on `device`. Without a torch
+        module, input gradients run through the converted graph, plain forwards through `forward_fn`."""
         if self.module is not None:
             return self.module(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return self.graph()(x)
         assert self.forward_fn is not None
         if self.fixed_batch is None:
             return self.forward_fn(x)
@@ -121,6 +133,8 @@ def check_needs(model: Model, needs: str, what: str) -> None:
     if needs in ("gradient", "graph") and not model.differentiable:
         raise UsageError(
             f"{what} needs input gradients, but model {model.source or model.name} is forward-only "
-            f"(loaded through onnxruntime); use a forward-only method such as occlusion, or a TorchScript/timm model"
+            f"(no torch module and no ONNX file to convert); use a forward-only method such as occlusion"
         )
+    if needs == "graph" or (needs == "gradient" and model.module is None):
+        model.graph()  # a model the converter cannot handle fails here, before the run starts
 

@@ -345,7 +345,7 @@ def _check_fields(data: dict, report: _Report) -> dict[str, Any]:
     values["preprocess"] = _preprocess(values["preprocess"], report)
     for table, _, alias in _TABLES:
         values[table] = _plugin_table(values[table], table, alias, report)
-    values["thresholds"] = _thresholds(values["thresholds"], values["metrics"], report)
+    values["thresholds"] = _thresholds(values["thresholds"], values["metrics"], values["methods"], report)
     return values
 
 
@@ -397,12 +397,14 @@ def _plugin_table(table: dict, name: str, alias: str | None, report: _Report) ->
     return out
 
 
-def _thresholds(table: dict, metrics: dict, report: _Report) -> dict[str, dict[str, float]]:
+def _thresholds(table: dict, metrics: dict, methods: dict, report: _Report) -> dict[str, dict[str, float]]:
+    """`metric` applies to every method, `method/metric` to one; `mprt/layer3` names a detail of mprt."""
     bound = Param("bound", float, 0.0, "")
     out: dict[str, dict[str, float]] = {}
     for name, bounds in table.items():
         key = f"thresholds.{name}"
-        metric = str(name).split("/")[0]  # `mprt/layer3` names a detail of the mprt output
+        parts = str(name).split("/")
+        metric = parts[1] if len(parts) > 1 and parts[0] in (methods or {}) else parts[0]
         if metric not in metrics:
             report.add(key, f"no metric output {metric!r} under metrics{did_you_mean(metric, metrics)}")
         if not isinstance(bounds, dict) or not bounds:

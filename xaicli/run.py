@@ -29,6 +29,7 @@ from .descriptors import Attribution, BatchOutput, InputItem, Method, MetricCont
 from .errors import InputError, UsageError, XaiError
 from .io import atomic_write_bytes, atomic_write_json
 from .model import Model, check_needs
+from .params import resolve
 from .progress import Progress
 from .recipe import Recipe, dump_recipe, from_mapping, load_recipe, validate_plugins
 from .registry import Registry, default_registry
@@ -36,6 +37,7 @@ from .rng import BatchRNG, derive_seed
 from .targets import Targets
 
 WRITER_QUEUE = 4  # batches waiting for the writer threads at most
+REPORT_WRITERS = ("metrics_csv", "summary", "junit")  # added to every run that computes metrics
 
 
 @dataclass
@@ -215,6 +217,9 @@ class Run:
             out: (registry.metric(p["metric"]), {k: v for k, v in p.items() if k != "metric"})
             for out, p in self.resolved.get("metrics", {}).items()
         }
+        if self.metrics:  # an evaluation always reports its scores
+            for name in REPORT_WRITERS:
+                self.resolved["writers"].setdefault(name, resolve(registry.writer(name).params, {}))
         if not self.methods and not recipe.from_run:
             raise UsageError("no methods to run: add one with -m METHOD (list them with `xai plugins`)")
         self.errors: list[dict[str, str]] = []

@@ -52,16 +52,17 @@ def first_line(exc: BaseException) -> str:
 
 
 def describe_non_model(head: bytes) -> str:
-    """A user-level guess at what a file that is not the expected model format holds."""
+    """A user-level guess, from its first bytes, at what a file in the wrong format holds."""
     if not head:
         return "the file is empty"
     if head.startswith(b"version https://git-lfs"):
         return "it is a Git LFS pointer, not the model itself (run `git lfs pull`)"
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError:
-        return "the file is truncated or not a model file (incomplete download?)"
-    return "it is a text file"
+    if head.startswith(b"PK\x03\x04"):
+        return "the zip archive is truncated or damaged (incomplete download?)"
+    text = head.decode("utf-8", "replace")  # one character cut at the end of `head` may not decode
+    if sum(c.isprintable() or c in "\t\r\n" for c in text) >= len(text) - 1:
+        return "it is a text file"
+    return "the file is truncated or not a model file (incomplete download?)"
 
 
 def spec_for(**fields: Any) -> InputSpec:

@@ -1,20 +1,22 @@
 """Grad-CAM (Selvaraju et al. 2017) and Grad-CAM++ (Chattopadhay et al. 2018) at any node of the
 model's torch graph, so they work for eager, TorchScript and ONNX models alike (no module hooks).
 
-An fx Interpreter runs the graph, hands out the activation A [B,K,h,w] of the chosen node as a
-leaf tensor and continues from it, so one backward gives ∂f_t/∂A.
+An fx Interpreter runs the model's graph (`model.graph()`, see xaicli.graph), hands out the
+activation A [B,K,h,w] of the chosen node as a leaf tensor and continues from it, so one backward
+gives ∂f_t/∂A (and nothing upstream of the layer is differentiated).
 - gradcam: ReLU(Σ_k α_k A_k), α_k the spatial mean of ∂f_t/∂A_k — captum's LayerGradCam.
 - gradcam_plus_plus: α_k = Σ_ij a_kij·ReLU(g_kij) with a_kij = g²_kij / (2g²_kij + g³_kij·Σ_ab A_kab),
   g = ∂f_t/∂A: the paper's closed form (exponential of the score), a = 0 where g = 0.
 The map is upsampled to the input with `interpolation` (bilinear by default, as in the paper;
 captum's LayerAttribution.interpolate defaults to nearest) and broadcast to the C channels.
-`layer` names a graph node (e.g. `relu_16`) or a module path (e.g. `layer4`: its last node); the
-default is the last node with a 4-D output larger than 1×1, i.e. the last spatial feature map
-before global pooling. Extras: `cam` [B,h,w], the map before upsampling.
+`layer` is a layer name of the graph (`layer4.1.relu`), a node name, or a module path (`layer4`:
+its output), resolved by xaicli.graph.find_node; the default is the last node with a 4-D output
+larger than 1×1, i.e. the last spatial feature map before global pooling.
+Extras: `cam` [B,h,w], the map before upsampling.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,55 +24,22 @@ from torch import fx
 
 from xaicli import Attribution, Method, Param, hookimpl
 from xaicli.errors import UsageError
+from xaicli.graph import find_node
 from xaicli.model import Model, gather_target
 from xaicli.rng import BatchRNG
 
 
-def model_graph(model: Model, x: torch.Tensor) -> fx.GraphModule:
-    """The model as an ATen-level fx graph (exported once per model, batch dimension dynamic)."""
-    cached = model.extra.get("fx_graph")
-    if cached is not None:
-        return cached
-    if model.module is None or isinstance(model.module, torch.jit.ScriptModule):
-        raise UsageError(f"gradcam needs the torch graph of {model.source or model.name}; "
-                         "only eager PyTorch modules (timm models) can be exported to it for now")
-    batch = torch.export.Dim.DYNAMIC
-    graph = torch.export.export(model.module, (x[:2].expand(2, *x.shape[1:]).contiguous(),),
-                                dynamic_shapes=({0: batch},)).module()
-    model.extra["fx_graph"] = graph
-    return graph
+def default_layer(graph: fx.GraphModule) -> fx.Node:
+    """The last node with a 4-D output larger than 1×1: the last spatial map before global pooling."""
+    spatial = [n for n in graph.graph.nodes if n.op == "call_function" and _spatial(n.meta.get("val"))]
+    if not spatial:
+        raise UsageError("gradcam: the model has no spatial (4-D) feature map; name a `layer`")
+    return spatial[-1]
 
 
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    value = node.meta.get("val", node.meta.get("tensor_meta"))
-    return tuple(value.shape) if value is not None and hasattr(value, "shape") else None
-
-
-def _spatial(node: fx.Node) -> bool:
-    shape = _shape(node)
-    return node.op == "call_function" and shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
-
-
-def find_layer(graph: fx.GraphModule, layer: str | None) -> fx.Node:
-    """The node whose activation is explained: by node name, by module path, or the default."""
-    nodes = list(graph.graph.nodes)
-    if layer is None:
-        spatial = [n for n in nodes if _spatial(n)]
-        if not spatial:
-            raise UsageError("gradcam: the model has no spatial (4-D) feature map; name a `layer`")
-        return spatial[-1]
-    for node in nodes:
-        if node.name == layer:
-            return node
-    inside = [n for n in nodes if n.op == "call_function" and layer in _modules(n)]
-    if inside:
-        return inside[-1]
-    names = sorted({m for n in nodes for m in _modules(n) if m} | {n.name for n in nodes if _spatial(n)})
-    raise UsageError(f"gradcam: no node or module named {layer!r}; spatial nodes and modules: {', '.join(names[:40])}")
-
-
-def _modules(node: fx.Node) -> list[str]:
-    return [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
+def _spatial(value: Any) -> bool:
+    shape = getattr(value, "shape", None)
+    return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
 
 
 class _Capture(fx.Interpreter):
@@ -86,13 +55,15 @@ class _Capture(fx.Interpreter):
         if n is not self.node:
             return value
         self.activation = value.detach().requires_grad_(True)
-        return self.activation.clone()  # later in-place ops (relu_) must not touch the leaf
+        return self.activation  # the graph is functional: no later op writes into it
 
 
-def layer_gradient(model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_gradient(
+    model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, ∂f_t/∂A) at the chosen node for a batch."""
-    graph = model_graph(model, x)
-    capture = _Capture(graph, find_layer(graph, layer))
+    graph = model.graph()
+    capture = _Capture(graph, default_layer(graph) if layer is None else find_node(graph, layer))
     with torch.enable_grad():
         out = capture.run(x.detach())
         out = out[0] if isinstance(out, (tuple, list)) else out
@@ -107,7 +78,10 @@ def _upsample(cam: torch.Tensor, x: torch.Tensor, interpolation: str) -> Attribu
     return Attribution(up.expand(B, C, H, W).contiguous(), {"cam": cam[:, 0]})
 
 
-def _chunked(model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None, max_batch: int, weigh) -> torch.Tensor:
+def _chunked(
+    model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None, max_batch: int,
+    weigh: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """ReLU(Σ_k weigh(A, g)_k · A_k) [B,1,h,w], computed in chunks of at most max_batch inputs."""
     target = target.to(x.device)
     cams = []
@@ -134,6 +108,7 @@ def gradcam(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, layer: str | None = None,
     interpolation: str = "bilinear", max_batch: int = 64,
 ) -> Attribution:
+    """Channels weighted by their mean gradient."""
     return _upsample(_chunked(model, x, target, layer, max_batch, _mean_gradient), x, interpolation)
 
 
@@ -141,6 +116,7 @@ def gradcam_plus_plus(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, layer: str | None = None,
     interpolation: str = "bilinear", max_batch: int = 64,
 ) -> Attribution:
+    """Channels weighted by Grad-CAM++'s positive-gradient weights."""
     return _upsample(_chunked(model, x, target, layer, max_batch, _plus_plus_weights), x, interpolation)
 
 
@@ -154,7 +130,8 @@ PARAMS = (
 @hookimpl
 def xai_methods() -> list[Method]:
     return [
-        Method("gradcam", "gradient-weighted class activation map (Selvaraju et al. 2017)", gradcam, PARAMS, needs="graph"),
+        Method("gradcam", "gradient-weighted class activation map (Selvaraju et al. 2017)", gradcam, PARAMS,
+               needs="graph"),
         Method("gradcam_plus_plus", "Grad-CAM++ weighting of the activation map (Chattopadhay et al. 2018)",
                gradcam_plus_plus, PARAMS, needs="graph"),
     ]

@@ -74,15 +74,16 @@ def _image_baseline(path: Path, model: Model, x: torch.Tensor) -> torch.Tensor:
     from xaicli.errors import InputError
 
     if not path.is_file():
-        raise UsageError(f"integrated_gradients: baseline must be one of {', '.join(NAMED_BASELINES)} or an image file; "
-                         f"{str(path)!r} is neither")
+        raise UsageError(f"integrated_gradients: baseline must be one of {', '.join(NAMED_BASELINES)} "
+                         f"or an image file; {str(path)!r} is neither")
     try:
         pixels, _ = load_image(path, model.spec.channels)
     except InputError as err:
         raise UsageError(f"integrated_gradients: baseline image {path}: {err}") from None
     image, _, _ = preprocess(pixels, model.spec)
     if image.shape != x.shape[1:]:
-        raise UsageError(f"integrated_gradients: baseline image {path} gives {tuple(image.shape)}, inputs are {tuple(x.shape[1:])}")
+        raise UsageError(f"integrated_gradients: baseline image {path} gives {tuple(image.shape)}, "
+                         f"inputs are {tuple(x.shape[1:])}")
     return image.to(x.device, x.dtype).expand_as(x).contiguous()
 
 
@@ -90,6 +91,7 @@ def integrated_gradients(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, baseline: str = "zeros", sigma: float = 10.0,
     steps: int = 50, integration: str = "gausslegendre", max_batch: int = 64,
 ) -> Attribution:
+    """Accumulate weighted gradients along the straight path, B·steps points in chunks of max_batch."""
     B = len(x)
     target = target.to(x.device)
     base = make_baseline(model, x, rng, baseline, sigma)

@@ -86,8 +86,9 @@ def kernel_weights(masks: torch.Tensor, counts: torch.Tensor, kernel_width: floa
 
 def fit_linear(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, regression: str, alpha: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(coefficients [B,K], intercept [B]) of weighted ridge/lasso fits, one per input, in float64."""
-    z, y, w = z.double(), y.double(), w.double()
+    """(coefficients [B,K], intercept [B]) of weighted ridge/lasso fits, one per input, in float64 on the
+    CPU (a few K×K systems: cheap anywhere, and float64 exists on every CPU)."""
+    z, y, w, counts = (t.detach().cpu() for t in (z.double(), y.double(), w.double(), counts))
     total = w.sum(1, keepdim=True)
     z_mean = (w[..., None] * z).sum(1) / total
     y_mean = (w * y).sum(1, keepdim=True) / total
@@ -122,6 +123,7 @@ def lime(
     compactness: float = 10.0, samples: int = 1000, kernel_width: float = 0.25, baseline: str = "mean",
     sigma: float = 10.0, regression: str = "ridge", alpha: float | None = None, max_batch: int = 64,
 ) -> Attribution:
+    """Segment, evaluate the model on `samples` masked copies per input, fit one surrogate per input."""
     B, C, H, W = x.shape
     target = target.to(x.device)
     labels = segment(model, x, segmentation, segments, compactness)
@@ -142,9 +144,9 @@ def lime(
     weights = kernel_weights(masks, count_t, kernel_width)
     alpha = (1.0 if regression == "ridge" else 0.01) if alpha is None else alpha
     coef, intercept = fit_linear(masks, y, weights, count_t, regression, alpha)
-    coef = coef.to(x.dtype)
+    coef, intercept = coef.to(x.device, x.dtype), intercept.to(x.device, x.dtype)
     relevance = coef.gather(1, flat_labels).view(B, 1, H, W).expand(B, C, H, W).contiguous()
-    extras = {"segments": labels.int(), "coefficients": coef, "n_segments": count_t, "intercept": intercept.to(x.dtype)}
+    extras = {"segments": labels.int(), "coefficients": coef, "n_segments": count_t, "intercept": intercept}
     return Attribution(relevance, extras)
 
 
@@ -170,14 +172,18 @@ def xai_methods() -> list[Method]:
                 Param("segmentation", str, "slic", "superpixels: slic, quickshift (lime's settings) or a regular grid",
                       choices=("slic", "quickshift", "grid")),
                 Param("segments", int, 50, "number of segments for slic and grid", low=1),
-                Param("compactness", float, 10.0, "slic's colour/space trade-off (lower follows edges more; ~0.1 for gray images)", low=0),
-                Param("samples", int, 1000, "masked copies per input, the unmasked input first (lime's default 1000)", low=2),
-                Param("kernel_width", float, 0.25, "width of the exponential kernel on cosine distance (lime's 0.25)", low=1e-6),
-                Param("baseline", str, "mean", "what masked segments show: mean colour (0 normalised), zeros (black) or blur",
-                      choices=("mean", "zeros", "blur")),
+                Param("compactness", float, 10.0,
+                      "slic's colour/space trade-off (lower follows edges more; ~0.1 for gray images)", low=0),
+                Param("samples", int, 1000, "masked copies per input, the unmasked input first (lime's 1000)", low=2),
+                Param("kernel_width", float, 0.25, "width of the exponential kernel on cosine distance (lime's 0.25)",
+                      low=1e-6),
+                Param("baseline", str, "mean", "what masked segments show: mean colour (0 normalised), zeros (black) "
+                      "or blur", choices=("mean", "zeros", "blur")),
                 Param("sigma", float, 10.0, "σ in pixels of the Gaussian for the blur baseline", low=0),
-                Param("regression", str, "ridge", "surrogate: ridge (closed form) or lasso (FISTA)", choices=("ridge", "lasso")),
-                Param("alpha", float, None, "regularisation strength: default 1.0 for ridge (lime's), 0.01 for lasso (captum's)", low=0),
+                Param("regression", str, "ridge", "surrogate: ridge (closed form) or lasso (FISTA)",
+                      choices=("ridge", "lasso")),
+                Param("alpha", float, None,
+                      "regularisation strength: default 1.0 for ridge (lime's), 0.01 for lasso (captum's)", low=0),
                 Param("max_batch", int, 64, "most masked images per forward pass", low=1),
             ),
             needs="forward",

@@ -1,1 +1,118 @@
-"""(in progress)"""
+"""LRP (Bach et al. 2015) with Zennit's composites, on the model's ATen graph (eager, TorchScript, ONNX).
+
+Convention (Zennit's attributor with `attr_output = one_hot(target) * logits`): relevance starts as
+the target logit f_t(x) at the target (0 elsewhere), so the heatmap sums to about f_t(x) where the
+rules conserve; divide by the logit for Zennit's default one-hot start. One forward and one modified
+backward per batch; the prepared engine is cached per model graph and parameters.
+
+z^B bounds (`low`/`high`, EpsilonGammaBox's first layer) default to the model's true input box:
+pixel values 0 and 1 mapped through the model's mean/std, per channel. Numbers given instead are
+in normalised input space (Zennit's examples use -3/3 style bounds), scalars or one per channel.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import fx
+
+from xaicli import Attribution, Method, Param, hookimpl
+from xaicli.errors import UsageError
+from xaicli.lrp import (COMPOSITES, LRP, KINDS, Settings, UnknownLayer, composite, parse_rules_by_name,
+                        parse_rules_by_type)
+from xaicli.model import Model
+from xaicli.rng import BatchRNG
+
+_ENGINES: "weakref.WeakKeyDictionary[fx.GraphModule, dict[Any, LRP]]" = weakref.WeakKeyDictionary()
+_PER_GRAPH = 4  # prepared engines kept per graph (one per parameter set in use)
+
+
+def lrp(model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, composite: str = "EpsilonPlusFlat",
+        epsilon: float = 1e-6, gamma: float = 0.25, low: float | list | None = None, high: float | list | None = None,
+        rules_by_type: dict | str | None = None, rules_by_name: dict | str | None = None,
+        record_layers: list | str = ()) -> Attribution:
+    """Relevance [B,C,H,W] of the target logit; `relevance:<layer>` extras for `record_layers`."""
+    settings = _settings(model, epsilon, gamma, low, high)
+    by_type, by_name = _mapping(rules_by_type, "rules_by_type"), _mapping(rules_by_name, "rules_by_name")
+    record = tuple(_names(record_layers))
+    engine = _engine(model, composite, settings, by_type, by_name, record)
+    result = engine(x, target)
+    extras = {f"relevance:{name}": value for name, value in result.recorded.items()}
+    return Attribution(result.relevance, extras)
+
+
+def _settings(model: Model, epsilon: float, gamma: float, low: Any, high: Any) -> Settings:
+    spec = model.spec
+    if low is None:
+        low = tuple((0.0 - m) / s for m, s in zip(spec.mean, spec.std))
+    if high is None:
+        high = tuple((1.0 - m) / s for m, s in zip(spec.mean, spec.std))
+    as_bound = lambda v: tuple(float(e) for e in v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
+    try:
+        return Settings(epsilon=epsilon, gamma=gamma, low=as_bound(low), high=as_bound(high))
+    except ValueError as exc:
+        raise UsageError(f"lrp: {exc}") from None
+
+
+def _mapping(value: dict | str | None, what: str) -> dict[str, str]:
+    """A mapping, or the command-line form "conv=gamma:0.25 linear=epsilon" (pairs split by spaces or ';')."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
+    pairs = [p for p in value.replace(";", " ").split() if p]
+    bad = [p for p in pairs if "=" not in p]
+    if bad:
+        raise UsageError(f"lrp {what}: expected KEY=RULE pairs such as conv=gamma:0.25; got {bad[0]!r}")
+    return dict(p.split("=", 1) for p in pairs)
+
+
+def _names(value: list | str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _engine(model: Model, name: str, settings: Settings, by_type: dict[str, str], by_name: dict[str, str],
+            record: tuple[str, ...]) -> LRP:
+    graph = model.graph()
+    key = (name, settings, repr(sorted(by_type.items())), repr(sorted(by_name.items())), record)
+    engines = _ENGINES.setdefault(graph, {})
+    if key not in engines:
+        try:
+            chosen = composite(name, settings).override(parse_rules_by_type(by_type, settings),
+                                                        parse_rules_by_name(by_name, settings))
+            engine = LRP(graph, chosen, record)
+        except (UnknownLayer, ValueError) as exc:
+            raise UsageError(f"lrp: {exc}") from None
+        if len(engines) >= _PER_GRAPH:
+            engines.pop(next(iter(engines)))
+        engines[key] = engine
+    return engines[key]
+
+
+@hookimpl
+def xai_methods() -> list[Method]:
+    kinds = ", ".join(KINDS)
+    return [
+        Method(
+            "lrp",
+            "layer-wise relevance propagation with Zennit's composites, on the model graph",
+            lrp,
+            (
+                Param("composite", str, "EpsilonPlusFlat", "rule set (Zennit's names)", choices=COMPOSITES),
+                Param("epsilon", float, 1e-6, "epsilon of the epsilon rule (dense layers)", low=0.0),
+                Param("gamma", float, 0.25, "gamma of the gamma rule (EpsilonGammaBox convolutions)", low=0.0),
+                Param("low", (float, list), None,
+                      "z-box lower bound in normalised input space, scalar or per channel (default: pixel 0 normalised)"),
+                Param("high", (float, list), None,
+                      "z-box upper bound in normalised input space, scalar or per channel (default: pixel 1 normalised)"),
+                Param("rules_by_type", (dict, str), None,
+                      f"rule per layer type, e.g. {{conv: gamma:0.25, linear: epsilon}}; types: {kinds}"),
+                Param("rules_by_name", (dict, str), None,
+                      "rule per layer name, e.g. {features.0: flat}; applies inside that layer"),
+                Param("record_layers", (list, str), [],
+                      "layers whose output relevance is saved as extras 'relevance:<name>'"),
+            ),
+            needs="graph",
+        )
+    ]

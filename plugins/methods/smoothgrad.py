@@ -4,7 +4,7 @@ Each input gets `samples` noisy copies x + ε, ε ~ N(0, σ²) with σ = noise �
 input (the paper's relative noise level; captum's NoiseTunnel takes an absolute `stdevs`
 instead: pass stdevs = σ to compare). The `base` method (default saliency, with `base_params`)
 explains the noisy copies of the whole batch at once, in chunks of at most `max_batch` copies;
-smoothgrad averages its relevances, vargrad takes their variance E[R²] − E[R]² (captum's vargrad).
+smoothgrad averages its relevances, vargrad takes their (population) variance, as captum's vargrad.
 Copy k of input i draws its noise from input i's stream "noise/k" and hands the base method the
 child stream "base/k", so nested stochastic methods stay independent of the batch size. The base
 inherits `max_batch` unless `base_params` sets it.
@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from xaicli import Attribution, Method, Param, hookimpl
+from xaicli.errors import UsageError
 from xaicli.model import Model, check_needs
-from xaicli.params import resolve
+from xaicli.params import ParamErrors, resolve
 from xaicli.rng import BatchRNG, derive_seed
 
 
@@ -29,7 +30,10 @@ def _base(name: str, given: dict[str, Any] | None, max_batch: int) -> tuple[Meth
     params = dict(given or {})
     if any(p.name == "max_batch" for p in method.params):
         params.setdefault("max_batch", max_batch)
-    return method, resolve(method.params, params)
+    try:
+        return method, resolve(method.params, params)
+    except ParamErrors as err:
+        raise UsageError("; ".join(f"base_params.{e} (of base method {name})" for e in err.errors)) from None
 
 
 def noisy_copies(x: torch.Tensor, rng: BatchRNG, image: torch.Tensor, copy: torch.Tensor, noise: float) -> torch.Tensor:
@@ -46,22 +50,29 @@ def _moments(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, base: str, base_params: dict[str, Any] | None,
     samples: int, noise: float, max_batch: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(E[R], E[R²]) over the noisy copies of every input, R the base method's relevance."""
+    """(mean, variance) of the base method's relevance over the noisy copies of every input.
+
+    Sums are taken around each input's first copy (always in the first chunk holding that input),
+    so the variance does not suffer the cancellation of E[R²] − E[R]².
+    """
     method, params = _base(base, base_params, max_batch)
     check_needs(model, method.needs, f"smoothgrad's base method {base}")
     target = target.to(x.device)
-    first = second = None
+    shift = first = second = None
     for chunk in torch.arange(len(x) * samples, device=x.device).split(max_batch):
         image, copy = chunk // samples, chunk % samples
         seeds = [derive_seed(rng.seeds[i], f"base/{k}") for i, k in zip(image.tolist(), copy.tolist())]
         noisy = noisy_copies(x, rng, image, copy, noise)
         relevance = method.explain(model, noisy, target[image], BatchRNG(seeds), **params).relevance
-        if first is None:
-            first = relevance.new_zeros((len(x), *relevance.shape[1:]))
-            second = torch.zeros_like(first)
-        first.index_add_(0, image, relevance)
-        second.index_add_(0, image, relevance * relevance)
-    return first / samples, second / samples
+        if shift is None:
+            shift = relevance.new_zeros((len(x), *relevance.shape[1:]))
+            first, second = torch.zeros_like(shift), torch.zeros_like(shift)
+        shift[image[copy == 0]] = relevance[copy == 0]
+        deviation = relevance - shift[image]
+        first.index_add_(0, image, deviation)
+        second.index_add_(0, image, deviation * deviation)
+    mean = first / samples
+    return shift + mean, second / samples - mean * mean
 
 
 def smoothgrad(
@@ -78,15 +89,15 @@ def vargrad(
     base_params: dict[str, Any] | None = None, samples: int = 50, noise: float = 0.15, max_batch: int = 64,
 ) -> Attribution:
     """Variance of the base method's relevance over noisy copies."""
-    mean, square = _moments(model, x, target, rng, base, base_params, samples, noise, max_batch)
-    return Attribution(square - mean * mean)
+    _, variance = _moments(model, x, target, rng, base, base_params, samples, noise, max_batch)
+    return Attribution(variance)
 
 
 PARAMS = (
     Param("base", str, "saliency", "the method explaining each noisy copy (any registered method)"),
     Param("base_params", dict, None, "parameters of the base method, e.g. {abs: true}"),
     Param("samples", int, 50, "noisy copies per input (the paper's 50)", low=1),
-    Param("noise", float, 0.15, "noise σ as a fraction of the input's value range max − min (paper: 0.1–0.2)", low=0),
+    Param("noise", float, 0.15, "noise σ as a fraction of the input's range max − min (paper: 0.1–0.2)", low=0),
     Param("max_batch", int, 64, "most noisy copies explained at once", low=1),
 )
 
@@ -94,6 +105,7 @@ PARAMS = (
 @hookimpl
 def xai_methods() -> list[Method]:
     return [
-        Method("smoothgrad", "mean of a method's relevance over noisy copies (Smilkov et al. 2017)", smoothgrad, PARAMS),
+        Method("smoothgrad", "mean of a method's relevance over noisy copies (Smilkov et al. 2017)",
+               smoothgrad, PARAMS),
         Method("vargrad", "variance of a method's relevance over noisy copies (Adebayo et al. 2018)", vargrad, PARAMS),
     ]

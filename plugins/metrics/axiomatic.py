@@ -8,7 +8,6 @@ invariance as exact booleans; we report the completeness gap itself and keep inp
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from xaicli import Metric, Param, hookimpl
 from xaicli.descriptors import MetricContext
@@ -52,7 +51,8 @@ def non_sensitivity(
     def removed(start: int, stop: int) -> torch.Tensor:
         rows = torch.arange(start, stop, device=x.device)
         b = rows // n
-        return torch.where(patch_pixels(F.one_hot(rows % n, n).bool(), grid, patch_size, (H, W)), base[b], x[b])
+        alone = torch.zeros(len(rows), n, dtype=torch.bool, device=x.device).scatter_(1, (rows % n)[:, None], True)
+        return torch.where(patch_pixels(alone, grid, patch_size, (H, W)), base[b], x[b])
 
     after = stream_scores(model, removed, B * n, target.repeat_interleave(n), softmax, max_batch).view(B, n)
     ignored = (after - target_scores(model, x, target, softmax, max_batch)[:, None]).abs() < eps

@@ -13,6 +13,7 @@ from xaicli import Metric, Param, hookimpl
 from xaicli.descriptors import MetricContext
 from xaicli.model import Model
 
+from .ordering import order as rank_order, sort_values
 from .shared import abs_param, normalise_param, pixel_map
 
 
@@ -22,7 +23,7 @@ def sparseness(model: Model, x: torch.Tensor, target: torch.Tensor, relevance: t
     pixel, 0 = uniform; higher is better."""
     r = pixel_map(relevance, normalise, abs).flatten(1).double() + 1e-7
     n = r.shape[1]
-    r = r.sort(1).values
+    r = sort_values(r).to(r.device)
     i = torch.arange(1, n + 1, device=r.device, dtype=r.dtype)
     return (((2 * i - n - 1) * r).sum(1) / (n * r.sum(1))).float()
 
@@ -54,15 +55,18 @@ def mst_compactness(model: Model, x: torch.Tensor, target: torch.Tensor, relevan
     B, N = r.shape
     W = relevance.shape[-1]
     k = max(2, min(N, round(fraction * N)))
-    order = torch.sort(r, dim=1, descending=True, stable=True).indices[:, :k]
-    points = torch.stack([order // W, order % W], -1).double()
-    edges = _mst_edges(points)
+    top = rank_order(r)[:, :k].to(r.device)
+    points = torch.stack([top // W, top % W], -1).float()
+    edges = torch.cat([_mst_edges(part) for part in points.split(_MST_CHUNK)]).double()
     long = (edges > gap).sum(1).double()
     total = edges.sum(1)
     score = (k - 1) / total * (1 - long / (k - 1))
     ctx.details["clusters"] = (1 + long).float()
     ctx.details["length"] = (total / (k - 1)).float()
     return score.float()
+
+
+_MST_CHUNK = 8  # inputs per Prim run: bounds the k×k distance matrices in memory
 
 
 def _mst_edges(points: torch.Tensor) -> torch.Tensor:

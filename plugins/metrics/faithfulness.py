@@ -9,6 +9,10 @@ depend on the number of steps.
 """
 from __future__ import annotations
 
+import math
+
+from typing import Sequence
+
 import torch
 
 from xaicli import Metric, Param, hookimpl
@@ -16,8 +20,9 @@ from xaicli.descriptors import MetricContext
 from xaicli.model import Model
 
 from .imputation import impute
+from .ordering import ranks
 from .shared import (
-    BASELINE, abs_param, baseline_values, curve_area, descending_ranks, max_batch_param, normalise_param,
+    BASELINE, abs_param, baseline_values, curve_area, max_batch_param, normalise_param,
     patch_pixels, patch_sums, pixel_map, row_rng, softmax_param, stream_scores, steps_for, target_scores,
 )
 from .similarity import pearson
@@ -26,18 +31,22 @@ from .similarity import pearson
 def pixel_flipping(
     model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor, ctx: MetricContext,
     steps: int = 32, baseline: str | float = "black", softmax: bool = True, normalise: bool = True,
-    abs: bool = False, max_batch: int = 64,
+    abs: bool = False, max_batch: int = 64, features_per_step: int | None = None,
 ) -> torch.Tensor:
     """Bach et al. 2015: set pixels to `baseline` in order of decreasing R, ceil(H·W/steps) pixels per
     step, cumulatively; score = area under f_t after each step (lower is better).
+    `features_per_step` (pixels, as Quantus' `features_in_step` is checked) replaces `steps` when set:
+    3136 at 224×224 is 16 steps.
 
     Quantus' PixelFlipping sorts C×H×W features and flips `features_in_step` of them per step (its
     check is against H×W): with channel-broadcast attributions our `steps` equals Quantus with
     `features_in_step = C · ceil(H·W/steps)`, which the tests verify on 1- and 3-channel inputs.
     """
     B, _, H, W = x.shape
+    if features_per_step:
+        steps = math.ceil(H * W / features_per_step)
     per_step, n = steps_for(H * W, steps)
-    rank = descending_ranks(pixel_map(relevance, normalise, abs).flatten(1))
+    rank = ranks(pixel_map(relevance, normalise, abs).flatten(1))
     base = baseline_values(x, baseline)
 
     def flipped(start: int, stop: int) -> torch.Tensor:
@@ -57,7 +66,7 @@ def _patch_curve(
     """f_t after removing the first 1..regions patches in order of patch relevance: [B, regions']."""
     B, _, H, W = x.shape
     sums, grid = patch_sums(pixel_map(relevance, normalise, abs), patch_size)
-    rank = descending_ranks(sums, descending)
+    rank = ranks(sums, descending)
     n = min(regions, sums.shape[1]) if regions > 0 else sums.shape[1]
     base = baseline_values(x, baseline)
 
@@ -111,23 +120,27 @@ def faithfulness_correlation(
     higher is better. Quantus draws its subsets over C×H×W features; ours are pixels (all channels)."""
     B, _, H, W = x.shape
     r = pixel_map(relevance, normalise, abs).flatten(1)
-    picks = ctx.rng.uniform((runs, H * W), device=x.device, stream="subsets").topk(subset_size, dim=-1).indices
-    chosen = torch.zeros(B, runs, H * W, dtype=torch.bool, device=x.device).scatter_(2, picks, True)
+    rows = torch.arange(B * runs)
+    picks = torch.cat([  # subset j of input b: the top `subset_size` of uniform draws from (b, j)'s own stream
+        row_rng(ctx.rng, part // runs, part % runs, "subsets").uniform((H * W,)).topk(subset_size, dim=1).indices
+        for part in rows.split(max_batch)
+    ]).to(x.device)
     base = baseline_values(x, baseline)
 
     def removed(start: int, stop: int) -> torch.Tensor:
-        rows = torch.arange(start, stop, device=x.device)
-        b = rows // runs
-        return torch.where(chosen[b, rows % runs].view(-1, 1, H, W), base[b], x[b])
+        b = torch.arange(start, stop, device=x.device) // runs
+        gone = torch.zeros(stop - start, H * W, dtype=torch.bool, device=x.device).scatter_(1, picks[start:stop], True)
+        return torch.where(gone.view(-1, 1, H, W), base[b], x[b])
 
     after = stream_scores(model, removed, B * runs, target.repeat_interleave(runs), softmax, max_batch).view(B, runs)
     drop = target_scores(model, x, target, softmax, max_batch)[:, None] - after
-    return pearson((r[:, None, :] * chosen).sum(-1), drop)
+    mass = r.gather(1, picks.view(B, -1)).view(B, runs, subset_size).sum(-1)
+    return pearson(mass, drop)
 
 
 def road(
     model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor, ctx: MetricContext,
-    percentages: list = list(range(1, 100, 2)), noise: float = 0.01, normalise: bool = True,
+    percentages: Sequence[float] = tuple(range(1, 100, 2)), noise: float = 0.01, normalise: bool = True,
     abs: bool = False, max_batch: int = 32,
 ) -> torch.Tensor:
     """Rong et al. 2022 (MoRF): for each percentage p, replace the top p % pixels by noisy linear
@@ -136,7 +149,7 @@ def road(
     per-percentage accuracies. Quantus orders C×H×W features but imputes H×W pixel indices (correct
     for one channel only); we order and impute whole pixels. Noise comes from the input's stream."""
     B, C, H, W = x.shape
-    rank = descending_ranks(pixel_map(relevance, normalise, abs).flatten(1))
+    rank = ranks(pixel_map(relevance, normalise, abs).flatten(1))
     counts = torch.tensor([int(H * W * p / 100) for p in percentages], device=x.device)
     n = len(percentages)
 
@@ -167,6 +180,7 @@ def xai_metrics() -> list[Metric]:
         Metric("pixel_flipping", "area under f_t as pixels are removed, most relevant first", "faithfulness",
                pixel_flipping, higher_is_better=False,
                params=(Param("steps", int, 32, "number of removal steps (pixels per step = ceil(H·W/steps))", low=1),
+                       Param("features_per_step", int, None, "pixels removed per step; replaces `steps` when set", low=1),
                        *_common(True))),
         Metric("region_perturbation", "area of the f_t drop as patches are removed (MoRF or LeRF)", "faithfulness",
                region_perturbation, higher_is_better=True,

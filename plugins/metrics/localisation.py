@@ -12,8 +12,8 @@ from xaicli import Metric, Param, hookimpl
 from xaicli.descriptors import MetricContext
 from xaicli.model import Model
 
-from .shared import abs_param, descending_ranks, normalise_param, pixel_map
-from .similarity import average_ranks
+from .ordering import sort_values, top_mask
+from .shared import abs_param, normalise_param, pixel_map
 
 
 def _prepare(relevance: torch.Tensor, ctx: MetricContext, normalise: bool, abs: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +56,8 @@ def relevance_rank_accuracy(model: Model, x: torch.Tensor, target: torch.Tensor,
                             ctx: MetricContext, normalise: bool = True, abs: bool = False) -> torch.Tensor:
     """Arras et al. 2022: share of the |s| highest-R pixels that lie in the mask (ties by index)."""
     r, s = _prepare(relevance, ctx, normalise, abs)
-    size = s.sum(1, keepdim=True)
-    top = descending_ranks(r) < size
-    return _nan_where_empty((top & s).sum(1) / size[:, 0].clamp_min(1), s)
+    size = s.sum(1)
+    return _nan_where_empty((top_mask(r, size) & s).sum(1) / size.clamp_min(1), s)
 
 
 def top_k_intersection(model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor,
@@ -69,7 +68,7 @@ def top_k_intersection(model: Model, x: torch.Tensor, target: torch.Tensor, rele
     r, s = _prepare(relevance, ctx, normalise, abs)
     if k > r.shape[1]:
         raise ValueError(f"k={k} is larger than the {r.shape[1]} pixels of the input")
-    share = ((descending_ranks(r) < k) & s).sum(1) / k
+    share = (top_mask(r, torch.full((len(r),), k)) & s).sum(1) / k
     if concept_influence:
         share = share * s.shape[1] / s.sum(1).clamp_min(1)
     return _nan_where_empty(share.double(), s)
@@ -93,14 +92,16 @@ def attribution_localisation(model: Model, x: torch.Tensor, target: torch.Tensor
 
 def auc(model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor, ctx: MetricContext,
         normalise: bool = True, abs: bool = False) -> torch.Tensor:
-    """Fawcett 2006: ROC AUC of R as a detector of mask pixels (sklearn's roc_auc, ties counted half),
-    computed from average ranks (Mann–Whitney U). NaN when the mask is empty or covers everything."""
+    """Fawcett 2006: ROC AUC of R as a detector of mask pixels (sklearn's roc_auc, ties counted half):
+    the Mann–Whitney U of mask pixels against the others, counted by binary search in the sorted
+    relevance of the pixels outside the mask. NaN when the mask is empty or covers everything."""
     r, s = _prepare(relevance, ctx, normalise, abs)
-    ranks = average_ranks(r)
+    outside = sort_values(torch.where(s, torch.full_like(r, float("inf")), r)).to(r.device).contiguous()
+    below = torch.searchsorted(outside, r, side="left")
+    equal = torch.searchsorted(outside, r, side="right") - below
     pos = s.sum(1).double()
     neg = s.shape[1] - pos
-    u = (ranks * s).sum(1) - pos * (pos + 1) / 2
-    score = u / (pos * neg)
+    score = ((below + 0.5 * equal) * s).sum(1) / (pos * neg)
     return torch.where(neg > 0, _nan_where_empty(score, s).double(), torch.full_like(score, float("nan"))).float()
 
 

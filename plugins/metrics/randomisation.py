@@ -9,6 +9,8 @@ Relevance maps are channel-summed, per-input normalised and |R| by default (Quan
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from xaicli import Metric, Param, hookimpl
@@ -21,7 +23,7 @@ from .similarity import histogram_entropy, similarity as compare
 
 
 def _layer_similarities(
-    model: Model, x: torch.Tensor, target: torch.Tensor, ctx: MetricContext, explain, reference: torch.Tensor,
+    model: Model, ctx: MetricContext, explain: Callable[[Model], torch.Tensor], reference: torch.Tensor,
     similarity: str, order: str, seed: int, normalise: bool, abs: bool,
 ) -> torch.Tensor:
     """Cascading randomisation: after each layer, similarity of `explain(copy)` to `reference`: [B, layers]."""
@@ -52,7 +54,7 @@ def mprt(
     def explain(copy_model: Model) -> torch.Tensor:
         return explain_rows(ctx, lambda start, stop: x[start:stop], B, 1, target, max_batch, copy_model)
 
-    return _layer_similarities(model, x, target, ctx, explain, reference, similarity, order, seed, normalise, abs).mean(1)
+    return _layer_similarities(model, ctx, explain, reference, similarity, order, seed, normalise, abs).mean(1)
 
 
 def smooth_mprt(
@@ -79,7 +81,7 @@ def smooth_mprt(
         return maps.view(B, samples, H, W).mean(1)
 
     reference = pixel_map(explain(None)[:, None], normalise, abs)
-    return _layer_similarities(model, x, target, ctx, explain, reference, similarity, order, seed, normalise, abs).mean(1)
+    return _layer_similarities(model, ctx, explain, reference, similarity, order, seed, normalise, abs).mean(1)
 
 
 def efficient_mprt(

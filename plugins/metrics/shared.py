@@ -96,14 +96,6 @@ def _pick(logits: torch.Tensor, target: torch.Tensor, softmax: bool) -> torch.Te
     return gather_target(logits, target).float()
 
 
-def descending_ranks(values: torch.Tensor, descending: bool = True) -> torch.Tensor:
-    """Position of each entry in its row's sorted order (stable: ties keep index order): [B, N]."""
-    order = torch.sort(values, dim=1, descending=descending, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(values.shape[1], device=values.device).expand_as(order))
-    return ranks
-
-
 def curve_area(curve: torch.Tensor) -> torch.Tensor:
     """Trapezoid area of curves [B, n] over an x axis scaled to [0, 1] (= Quantus' `calculate_auc` / (n − 1)),
     so scores do not grow with the number of steps. A single point is its own area."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ordering import argsort_any
+
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of rows [B, N]; NaN where a row is constant (as scipy)."""
@@ -18,15 +20,16 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def average_ranks(v: torch.Tensor) -> torch.Tensor:
     """Ranks 1..N of each row [B, N], ties sharing their average rank (scipy's rankdata 'average')."""
     B, N = v.shape
-    values, order = torch.sort(v, dim=-1, stable=True)
-    new = torch.ones_like(values, dtype=torch.bool)
-    new[:, 1:] = values[:, 1:] != values[:, :-1]
-    group = new.long().cumsum(-1) - 1 + torch.arange(B, device=v.device)[:, None] * N  # unique per row
-    position = torch.arange(1, N + 1, device=v.device, dtype=torch.float64).expand(B, N).reshape(-1)
-    flat = group.reshape(-1)
-    total = torch.zeros(B * N, dtype=torch.float64, device=v.device).index_add_(0, flat, position)
-    count = torch.zeros(B * N, dtype=torch.float64, device=v.device).index_add_(0, flat, torch.ones_like(position))
-    sorted_ranks = (total[flat] / count[flat]).view(B, N)
+    order = argsort_any(v).to(v.device)
+    values = v.gather(1, order)
+    position = torch.arange(N, device=v.device).expand(B, N)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[:, 1:] = values[:, 1:] != values[:, :-1]
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    first = torch.where(starts, position, 0).cummax(1).values  # where each tie group begins
+    last = torch.where(ends, position, N).flip(1).cummin(1).values.flip(1)  # ... and ends
+    sorted_ranks = (first + last).double() / 2 + 1
     return torch.empty_like(sorted_ranks).scatter_(1, order, sorted_ranks)
 
 

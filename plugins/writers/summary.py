@@ -1,1 +1,190 @@
-"""(in progress)"""
+"""Metric report writers: `metrics_csv` (every score), `summary` (summary.json, summary.md) and
+`junit` (junit.xml for CI). They are not per input: `expected()` is empty.
+
+Rows are (input relpath, method output, metric key, score), one per input of `BatchOutput.scores`
+(metric key -> [B] scores, details keys such as `mprt/layer1` included).
+
+What `close(run)` reads from the run manifest:
+- `run["metrics"]`: metric output name -> {"higher_is_better": bool, ...} (or a bool) — rankings;
+- `run["thresholds"]`: key -> {"min": x} and/or {"max": y} — junit failures, violations in summary.json;
+- `run["timings"]["total"]`: seconds — junit's `time`;
+- `run["recipe"]["overwrite"]`: when false, rows of an earlier metrics.csv in the folder are kept for
+  the (input, method) pairs this run did not score again (a resumed run skipped them).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from xaicli import Writer, hookimpl
+from xaicli.descriptors import BatchOutput, InputItem
+from xaicli.io import atomic_write_bytes
+from xaicli.summary import Row, check_thresholds, junit_xml, summarize
+
+HEADER = ("input", "method", "metric", "score")
+
+
+def batch_rows(batch: BatchOutput) -> list[Row]:
+    """The score rows of one batch, input by input."""
+    return [
+        (item.relpath, batch.output, metric, float(values[i]))
+        for i, item in enumerate(batch.items)
+        for metric, values in batch.scores.items()
+    ]
+
+
+def read_rows(path: Path) -> Iterator[Row]:
+    """Rows of an existing metrics.csv (none when the file does not exist)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as fh:
+        for record in csv.DictReader(fh):
+            yield record["input"], record["method"], record["metric"], float(record["score"])
+
+
+def _keep_previous(run: dict[str, Any]) -> bool:
+    return not run.get("recipe", {}).get("overwrite", False)
+
+
+class MetricsCsvSink:
+    """Appends each batch's rows to a temporary file (flushed per batch); renamed to metrics.csv at close."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "metrics.csv"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".metrics.csv.", suffix=".tmp", dir=out_dir)
+        self.file = os.fdopen(fd, "w", newline="")
+        self.csv = csv.writer(self.file)
+        self.csv.writerow(HEADER)
+        self.scored: set[tuple[str, str]] = set()
+        self.lock = threading.Lock()
+
+    def expected(self, item: InputItem, output: str) -> list[Path]:
+        return []
+
+    def write(self, batch: BatchOutput) -> None:
+        rows = batch_rows(batch)
+        with self.lock:
+            self.csv.writerows((i, m, k, repr(s)) for i, m, k, s in rows)
+            self.file.flush()
+            self.scored.update((item.relpath, batch.output) for item in batch.items)
+
+    def close(self, run: dict[str, Any]) -> None:
+        with self.lock:
+            if _keep_previous(run):
+                self.csv.writerows((i, m, k, repr(s)) for i, m, k, s in read_rows(self.path) if (i, m) not in self.scored)
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+
+
+class _Collector:
+    """Keeps every row seen (and an earlier metrics.csv's rows, read at open, for resumed runs)."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.previous = list(read_rows(out_dir / "metrics.csv"))
+        self.seen: list[Row] = []
+        self.lock = threading.Lock()
+
+    def expected(self, item: InputItem, output: str) -> list[Path]:
+        return []
+
+    def write(self, batch: BatchOutput) -> None:
+        rows = batch_rows(batch)
+        with self.lock:
+            self.seen.extend(rows)
+
+    def rows(self, run: dict[str, Any]) -> list[Row]:
+        if not _keep_previous(run):
+            return self.seen
+        scored = {(i, m) for i, m, _, _ in self.seen}
+        return [r for r in self.previous if (r[0], r[1]) not in scored] + self.seen
+
+
+class SummarySink(_Collector):
+    """summary.json (statistics, rankings, thresholds and violations) and summary.md (a table per metric)."""
+
+    def close(self, run: dict[str, Any]) -> None:
+        summary = summarize(self.rows(run), run.get("metrics", {}))
+        thresholds = run.get("thresholds") or {}
+        violations = check_thresholds(summary, thresholds) if thresholds else []
+        data = {**summary, "thresholds": thresholds, "violations": [v.reason for v in violations]}
+        atomic_write_bytes(self.out_dir / "summary.json", (json.dumps(_finite(data), indent=2, allow_nan=False) + "\n").encode())
+        atomic_write_bytes(self.out_dir / "summary.md", markdown(summary, [v.reason for v in violations]).encode())
+
+
+class JunitSink(_Collector):
+    """junit.xml: a testcase per method × metric, failures for violated thresholds."""
+
+    def close(self, run: dict[str, Any]) -> None:
+        summary = summarize(self.rows(run), run.get("metrics", {}))
+        thresholds = run.get("thresholds") or {}
+        violations = check_thresholds(summary, thresholds)
+        seconds = float(run.get("timings", {}).get("total", 0.0))
+        atomic_write_bytes(self.out_dir / "junit.xml", junit_xml(summary, thresholds, violations, seconds).encode())
+
+
+def markdown(summary: dict[str, Any], violations: list[str]) -> str:
+    """Human-readable summary: a table per metric (methods best first), then one table of means per
+    metric with details (`mprt/<layer>` rows, a column per method)."""
+    out = io.StringIO()
+    out.write("# Metric summary\n")
+    if violations:
+        out.write("\n**Threshold violations**\n\n" + "".join(f"- {v}\n" for v in violations))
+    metrics = summary["metrics"]
+    for metric, entry in metrics.items():
+        if "/" in metric:
+            continue
+        direction = {True: "higher is better", False: "lower is better", None: "not ranked"}[entry["higher_is_better"]]
+        out.write(f"\n## {metric} ({direction})\n\n| rank | method | mean | std | median | n | NaN |\n|---|---|---|---|---|---|---|\n")
+        order = entry["ranking"] + [m for m in entry["methods"] if m not in entry["ranking"]]
+        for method in order:
+            s = entry["methods"][method]
+            cells = [s["rank"] or "–", method, *(_num(s[k]) for k in ("mean", "std", "median")), s["n"], s["n_nan"]]
+            out.write("| " + " | ".join(map(str, cells)) + " |\n")
+    parents = dict.fromkeys(k.split("/")[0] for k in metrics if "/" in k)
+    for parent in parents:
+        keys = [k for k in metrics if k.startswith(parent + "/")]
+        methods = list(dict.fromkeys(m for k in keys for m in metrics[k]["methods"]))
+        out.write(f"\n## {parent} details (mean per method)\n\n| detail | " + " | ".join(methods) + " |\n")
+        out.write("|---" * (len(methods) + 1) + "|\n")
+        for key in keys:
+            means = [_num(metrics[key]["methods"].get(m, {}).get("mean")) for m in methods]
+            out.write(f"| {key.split('/', 1)[1]} | " + " | ".join(means) + " |\n")
+    return out.getvalue()
+
+
+def _finite(value: Any) -> Any:
+    """Strict JSON: infinite statistics (e.g. a sensitivity over an all-zero map) become "inf" / "-inf"."""
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.4g}"
+
+
+@hookimpl
+def xai_writers() -> list[Writer]:
+    return [
+        Writer("metrics_csv", "every metric score: metrics.csv (input, method, metric, score)",
+               lambda ctx: MetricsCsvSink(Path(ctx.out_dir))),
+        Writer("summary", "per method × metric statistics and rankings: summary.json, summary.md",
+               lambda ctx: SummarySink(Path(ctx.out_dir))),
+        Writer("junit", "metric thresholds as JUnit XML for CI: junit.xml",
+               lambda ctx: JunitSink(Path(ctx.out_dir))),
+    ]

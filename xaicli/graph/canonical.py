@@ -9,15 +9,16 @@ from torch.export.graph_signature import InputKind
 
 from ..errors import UsageError
 from .naming import ScopeRule, assign_names, module_scopes
-from .rewrite import normalise
+from .rewrite import functionalise, normalise
 
 
 def from_exported(ep: ExportedProgram, scope_rule: ScopeRule = module_scopes) -> fx.GraphModule:
-    """Functionalise `ep` (composite ops such as conv2d and linear are kept), lift its state
-    into attributes of a fresh GraphModule, normalise the op vocabulary and name the nodes
-    by `scope_rule` (see `naming`)."""
-    ep = ep.run_decompositions({})
+    """Lift `ep`'s state into attributes of a fresh GraphModule, make its ops functional,
+    normalise the op vocabulary and name the nodes by `scope_rule` (see `naming`).
+    Composite ops (conv2d, linear, batch_norm, ...) are kept as export recorded them."""
     graph, state = _lift_state(ep)
+    if not functionalise(graph):  # torch's functionalisation is exact but slow: only when needed
+        graph, state = _lift_state(ep.run_decompositions({}))
     normalise(graph)
     graph = assign_names(graph, scope_rule)
     gm = fx.GraphModule(state, graph, class_name="XaiGraph")

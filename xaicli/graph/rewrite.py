@@ -16,7 +16,7 @@ from torch import fx
 aten = torch.ops.aten
 
 NOOPS = {
-    aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default,
+    aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default, aten.contiguous.default,
     aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
 }
 CHECKS = {
@@ -24,6 +24,51 @@ CHECKS = {
     aten.sym_constrain_range_for_size.default, aten._assert_async.msg,
 }
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def functionalise(graph: fx.Graph) -> bool:
+    """Rewrite in-place ops (relu_, add_) to their functional forms where that is exact: the
+    mutated tensor is no view, has no views and is not read after the mutation (export's
+    training IR refers to the mutated value through the in-place node). False, with the graph
+    untouched, when some op does not qualify (then the caller functionalises with torch).
+    Dropout in evaluation mode changes nothing, so its in-place form always qualifies."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    plan = []
+    for node in graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+            functional = _functional(node)
+            if functional is None or not (functional in NOOPS or _safe_to_copy(node, order)):
+                return False
+            plan.append((node, functional))
+    for node, functional in plan:
+        node.target = functional
+    return True
+
+
+def _functional(node: fx.Node) -> Any:
+    """relu_.default -> relu.default: the op writing only its first argument, without the `_`."""
+    schema = node.target._schema
+    written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    name = node.target._opname
+    if len(written) != 1 or written[0] is not schema.arguments[0] or not name.endswith("_"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    return getattr(packet, node.target._overloadname, None) if packet is not None else None
+
+
+def _safe_to_copy(node: fx.Node, order: dict[fx.Node, int]) -> bool:
+    target = node.args[0]
+    if not isinstance(target, fx.Node) or target.op != "call_function" or _is_view(target):
+        return False
+    return all(user is node or (order[user] < order[node] and not _is_view(user)) for user in target.users)
+
+
+def _is_view(node: fx.Node) -> bool:
+    """A view op (its output aliases an input); in-place ops return their input, not a view."""
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload) or op._schema.is_mutable:
+        return False
+    return any(r.alias_info is not None for r in op._schema.returns)
 
 
 def normalise(graph: fx.Graph) -> None:
@@ -122,7 +167,7 @@ def _attention(node: fx.Node) -> None:
     if opts.get("is_causal") or opts.get("enable_gqa") or (mask is not None and _dtype(mask) == torch.bool):
         return
     scale = opts.get("scale") or 1.0 / math.sqrt(_shape(q)[-1])
-    kt = _emit(node, aten.transpose.int, (k, -2, -1))
+    kt = _emit(node, aten.permute.default, (k, _swap_last(_rank(k))))
     scores = _emit(node, aten.mul.Tensor, (_emit(node, aten.matmul.default, (q, kt)), scale))
     if mask is not None:
         scores = _emit(node, aten.add.Tensor, (scores, mask))
@@ -164,6 +209,57 @@ def _reshape(node: fx.Node) -> None:
     _replace(node, aten.reshape.default, (x, list(shape)))
 
 
+def _transpose(node: fx.Node) -> None:
+    """transpose / t -> permute, the one spelling of axis reorders."""
+    x, *dims = node.args
+    rank = _rank(x)
+    d0, d1 = (dims[0] % rank, dims[1] % rank) if dims else (0, 1)
+    perm = list(range(rank))
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    _replace(node, aten.permute.default, (x, perm))
+
+
+def _swap_last(rank: int) -> list[int]:
+    return [*range(rank - 2), rank - 1, rank - 2]
+
+
+def _slice(node: fx.Node) -> None:
+    """A slice over the whole dimension is a no-op (exporters emit them)."""
+    x, dim, start, end, step = (*node.args, *(None, 0, None, None, 1)[len(node.args):])
+    size = _shape(x)[dim]
+    whole = end is None or (isinstance(end, int) and (end >= 2**62 or (isinstance(size, int) and end >= size)))
+    if start in (0, None) and step == 1 and whole:
+        node.replace_all_uses_with(x)
+        node.graph.erase_node(node)
+
+
+def _squeeze(node: fx.Node) -> None:
+    """squeeze(slice(x, d, i, i+1), [d]) -> select(x, d, i): how ONNX Split+Squeeze reads
+    torch's unbind."""
+    src, dims = node.args
+    if not isinstance(src, fx.Node) or src.target != aten.slice.Tensor or len(dims) != 1 or len(src.users) != 1:
+        return
+    data, dim, start, end, step = (*src.args, *(None, 0, None, None, 1)[len(src.args):])
+    single = isinstance(start, int) and isinstance(end, int) and end - start == 1 and step == 1
+    if single and dim % _rank(data) == dims[0] % _rank(data):
+        _replace(node, aten.select.int, (data, dim, start))
+
+
+def _flatten(node: fx.Node) -> None:
+    """flatten -> reshape to its output size, the batch as -1 (what export makes of flatten)."""
+    sizes = [s if isinstance(s, int) else -1 for s in _shape(node)]
+    if sizes.count(-1) <= 1:
+        _replace(node, aten.reshape.default, (node.args[0], sizes))
+
+
+def _mean(node: fx.Node) -> None:
+    """A kept-dim mean over H and W of a 4-D tensor is global average pooling; say so (ONNX's
+    ReduceMean and torch's AdaptiveAvgPool2d(1) then agree)."""
+    x, dims, keepdim = (*node.args, False)[:3]
+    if keepdim and _rank(x) == 4 and sorted(d % 4 for d in dims) == [2, 3] and not node.kwargs.get("dtype"):
+        _replace(node, aten.adaptive_avg_pool2d.default, (x, [1, 1]))
+
+
 def _shape(node: fx.Node) -> tuple:
     return tuple(node.meta["val"].shape)
 
@@ -185,6 +281,12 @@ PASSES: dict[Any, Callable[[fx.Node], None]] = {
     aten.convolution.default: _convolution,
     aten.scaled_dot_product_attention.default: _attention,
     aten.unbind.int: _unbind,
+    aten.transpose.int: _transpose,
+    aten.t.default: _transpose,
+    aten.slice.Tensor: _slice,
+    aten.flatten.using_ints: _flatten,
+    aten.mean.dim: _mean,
+    aten.squeeze.dims: _squeeze,
     aten.split.Tensor: _split,
     aten.split_with_sizes.default: _split,
     **{target: _reshape for target in RESHAPES},

@@ -23,18 +23,40 @@ def from_module(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
 
 
 def from_torchscript(module: torch.jit.ScriptModule, example: torch.Tensor) -> fx.GraphModule:
-    """Convert a (loaded) TorchScript module with torch's TS2EPConverter, then re-export the
-    result with a dynamic batch. Layers are named by parameter owners (see `naming`)."""
-    from torch._export.converter import TS2EPConverter
-
+    """Convert a (loaded) TorchScript module with torch's TS2EPConverter, traced with a dynamic
+    batch. Layers are named by parameter owners (see `naming`)."""
     example = _batch_of_two(example)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            converted = TS2EPConverter(module, (example,)).convert()
+            ep = _converter()(module, (example,)).convert()
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"could not convert the TorchScript model to a torch graph: {_first_line(exc)}") from exc
-    return from_exported(export_batch_dynamic(converted.module(), example), param_scopes)
+    gm = from_exported(ep, param_scopes)
+    _restore_parameters(gm, {name for name, _ in module.named_parameters()})
+    return gm
+
+
+def _converter() -> type:
+    from torch._export.converter import TS2EPConverter
+
+    class BatchDynamic(TS2EPConverter):
+        """torch's converter retraces with every dimension dynamic; we want the batch only."""
+
+        def retrace_as_exported_program(self, gm: fx.GraphModule, name_to_constant: dict) -> ExportedProgram:
+            return export_batch_dynamic(gm, self.sample_args[0])
+
+    return BatchDynamic
+
+
+def _restore_parameters(gm: fx.GraphModule, names: set[str]) -> None:
+    """The converter turns parameters into buffers; make the model's parameters parameters again."""
+    for name in names & {n for n, _ in gm.named_buffers()}:
+        owner, _, leaf = name.rpartition(".")
+        module = gm.get_submodule(owner)
+        module.register_parameter(leaf, nn.Parameter(module._buffers.pop(leaf), requires_grad=False))
 
 
 def export_batch_dynamic(module: nn.Module, example: torch.Tensor) -> ExportedProgram:
@@ -44,6 +66,8 @@ def export_batch_dynamic(module: nn.Module, example: torch.Tensor) -> ExportedPr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch")},), strict=False)
+    except UsageError:
+        raise
     except Exception as exc:
         raise UsageError(f"torch.export could not trace the model with a dynamic batch: {_first_line(exc)}") from exc
 

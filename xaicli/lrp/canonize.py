@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from .nodes import bind, is_constant, kind, packet
+from .nodes import bind, is_constant, kind, module_paths, packet
 
 aten = torch.ops.aten
 
@@ -262,9 +262,10 @@ def _set_arg(node: fx.Node, name: str, value: Any) -> None:
 
 
 def _own_names(node: fx.Node) -> list[str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [v[0] if isinstance(v, tuple) else str(v) for v in stack.values()]
-    return [node.name] + paths[-1:] + list(node.meta.get("lrp_aliases", ()))
+    """Names by which a node that is folded away stays reachable (as aliases of its absorber)."""
+    paths = module_paths(node)
+    own = [p for p in paths if p not in node.meta.get("lrp_aliases", ())]
+    return [node.name] + own[-1:] + list(node.meta.get("lrp_aliases", ()))
 
 
 def _fold_batch_norms(builder: _Builder) -> None:

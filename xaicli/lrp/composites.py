@@ -68,7 +68,7 @@ def composite(name: str, settings: Settings | None = None) -> Composite:
         raise ValueError(f"unknown composite {name!r}{did_you_mean(name, COMPOSITES)}; known: {', '.join(COMPOSITES)}")
     base: dict[str, Rule] = {
         "activation": Pass(), "norm": Pass(), "gate": Pass(), "sum": Norm(s.stabilizer), "pool": Norm(s.stabilizer),
-        "maxpool": Gradient(), "linear": Epsilon(s.epsilon),
+        "maxpool": Gradient(), "linear": Epsilon(s.epsilon), "matmul": Norm(s.stabilizer),
     }
     conv: Rule = {"EpsilonPlus": ZPlus(s.stabilizer), "EpsilonPlusFlat": ZPlus(s.stabilizer),
                   "EpsilonGammaBox": Gamma(s.gamma, s.stabilizer)}.get(name, AlphaBeta(2.0, 1.0, s.stabilizer))

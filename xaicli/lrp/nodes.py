@@ -10,6 +10,7 @@ Kinds are the keys of `rules_by_type`; every call_function node gets one:
     activation  element-wise non-linearities (relu, gelu, silu, hardswish, ...)
     norm        normalisation layers left after canonization (batch/layer/group norm)
     gate        products with a gate or constant: mul, and div by a constant
+    matmul      products of two graph tensors (attention: softmax(q·kᵀ)·v)
     shape       re-arrangements without arithmetic (view, flatten, cat, slice, ...): always the gradient
     other       anything else: the gradient (as Zennit does for modules without a rule)
 """
@@ -22,7 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
-KINDS = ("conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "gate")
+KINDS = ("conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "gate", "matmul")
 """Kinds a user may assign rules to (`rules_by_type` keys)."""
 
 _CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
@@ -103,6 +104,8 @@ def kind(node: fx.Node) -> str:
         return "sum" if tensor_args(node) else "other"
     if name in ("mul", "div"):
         return _gate_kind(node, name)
+    if name in ("matmul", "bmm", "mm"):
+        return "matmul" if len(tensor_args(node)) == 2 else "other"
     for table, label in ((_NORM, "norm"), (_ACTIVATION, "activation"), (_POOL, "pool"), (_MAXPOOL, "maxpool"),
                          (_SHAPE, "shape")):
         if name in table:
@@ -118,6 +121,16 @@ def _gate_kind(node: fx.Node, name: str) -> str:
         other = node.args[1] if len(node.args) > 1 else None
         return "gate" if not (isinstance(other, fx.Node) and other in graph_inputs) else "other"
     return "gate"
+
+
+def softmax_operand(node: fx.Node) -> int | None:
+    """Which operand of a matmul is attention weights (a softmax, maybe re-arranged), if one is."""
+    for index, arg in enumerate(node.args[:2]):
+        while isinstance(arg, fx.Node) and arg.op == "call_function" and kind(arg) == "shape":
+            arg = arg.args[0]
+        if isinstance(arg, fx.Node) and arg.op == "call_function" and packet(arg) in ("softmax", "_softmax"):
+            return index
+    return None
 
 
 def nonnegative(nodes: Iterable[fx.Node]) -> set[fx.Node]:
@@ -152,9 +165,18 @@ def normalise(name: str) -> str:
 
 
 def module_paths(node: fx.Node) -> list[str]:
-    """Module paths (outermost first) the node was traced in, plus paths it absorbed in canonization."""
-    stack = node.meta.get("nn_module_stack") or {}
-    paths = [value[0] if isinstance(value, tuple) else str(value) for value in stack.values()]
+    """Layer names the node belongs to, outermost first, plus names it absorbed in canonization.
+
+    Uses xaicli.graph's `meta["layer"]` (`layer4.1.conv2` -> `layer4`, `layer4.1`, `layer4.1.conv2`)
+    and falls back on torch.export's module stack.
+    """
+    layer = node.meta.get("layer")
+    if layer:
+        parts = str(layer).split(".")
+        paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    else:
+        stack = node.meta.get("nn_module_stack") or {}
+        paths = [value[0] if isinstance(value, tuple) else str(value) for value in stack.values()]
     return [p for p in paths if p] + list(node.meta.get("lrp_aliases", ()))
 
 
@@ -178,10 +200,10 @@ def layer_index(nodes: Iterable[fx.Node]) -> tuple[dict[str, fx.Node], dict[str,
 
 
 def display_names(nodes: Iterable[fx.Node]) -> list[str]:
-    """Names a user can type, for error messages: module paths where known, else node names."""
+    """Names a user can type, for error messages: layer names where known, else node names."""
     names: list[str] = []
     for node in nodes:
         if node.op == "call_function":
-            paths = module_paths(node)
-            names.append(paths[-1] if paths else node.name)
+            own = [p for p in module_paths(node) if p not in node.meta.get("lrp_aliases", ())]
+            names.append(own[-1] if own else node.name)
     return list(dict.fromkeys(names))

@@ -7,6 +7,7 @@ p⁺ is p, p⁻ is 0, and "ones"/"square" leave them unchanged.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
@@ -28,18 +29,29 @@ def factor(mod: Mod) -> float:
     return mod[0] + mod[1] if isinstance(mod, tuple) else 1.0
 
 
-class LinearOp:
+class LinearOp(ABC):
     """z = Σ_i W_i u_i + b, linear in its graph inputs u_i; subclasses say what W and b are."""
 
     parametric = False
+    positive = False  # implicit weights and constants are all >= 0 (ops without parameters)
 
+    @abstractmethod
     def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
         """z for inputs `us` and parameters modified by `mod` (bias included when `bias`)."""
-        raise TypeError
 
-    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Wᵀg per graph input, for parameters modified by `mod`; `like` gives the input shapes."""
-        raise TypeError
+    @abstractmethod
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        """(scale·W)ᵀg per graph input (None: no relevance), for parameters modified by `mod`; `like`
+        holds the inputs (their shapes)."""
+
+    def bind(self, inputs: list[torch.Tensor]) -> "LinearOp":
+        """The op for one call (ops whose weights are graph values take them here)."""
+        return self
+
+    def vjp_many(self, g: torch.Tensor, mods: list[tuple[Mod, float]], like: list[torch.Tensor]
+                 ) -> list[list[torch.Tensor]]:
+        """`vjp` of one g for several (modifier, scale) pairs."""
+        return [self.vjp(g, mod, like, scale) for mod, scale in mods]
 
     def bias(self, mod: Mod) -> torch.Tensor | float:
         """The modified bias, broadcastable to z (0 when there is none)."""
@@ -54,10 +66,11 @@ class _Params:
     bias_: torch.Tensor | None
     cache: dict[Any, torch.Tensor | None] = field(default_factory=dict)
 
-    def w(self, mod: Mod) -> torch.Tensor:
-        key = ("w", mod)
+    def w(self, mod: Mod, scale: float = 1.0) -> torch.Tensor:
+        key = ("w", mod, scale)
         if key not in self.cache:
-            self.cache[key] = _modify(self.weight, mod)
+            weight = _modify(self.weight, mod)
+            self.cache[key] = weight if scale == 1.0 else scale * weight
         return self.cache[key]  # type: ignore[return-value]
 
     def b(self, mod: Mod) -> torch.Tensor | None:
@@ -73,6 +86,8 @@ def _modify(p: torch.Tensor, mod: Mod) -> torch.Tensor:
     if mod == "square":
         return p * p
     a, c = mod  # type: ignore[misc]
+    if (a, c) == (1.0, 0.0):
+        return p
     out = a * p if a else torch.zeros_like(p)
     return out + c * p.clamp(min=0) if c else out
 
@@ -87,12 +102,10 @@ class ConvOp(LinearOp):
         weight = constant(args["weight"])
         dims = weight.ndim - 2
         self.params = _Params(weight, constant(args["bias"]) if args.get("bias") is not None else None)
-        expand = lambda v, d: list(v) * dims if len(list(v)) == 1 else list(v)  # noqa: E731
-        as_list = lambda v: [v] if isinstance(v, int) else list(v)  # noqa: E731
-        self.stride = expand(as_list(args.get("stride", 1)), dims)
-        self.dilation = expand(as_list(args.get("dilation", 1)), dims)
+        self.stride = _per_dim(args.get("stride", 1), dims)
+        self.dilation = _per_dim(args.get("dilation", 1), dims)
         self.transposed = packet(node).startswith("conv_transpose") or bool(args.get("transposed", False))
-        self.output_padding = expand(as_list(args.get("output_padding", 0)), dims)
+        self.output_padding = _per_dim(args.get("output_padding", 0), dims)
         self.groups = int(args.get("groups", 1))
         self.padding = self._padding(args.get("padding", 0), weight, dims)
 
@@ -104,8 +117,7 @@ class ConvOp(LinearOp):
             if any(t % 2 for t in total):
                 raise ValueError("padding='same' with an even kernel pads unevenly; LRP needs explicit padding")
             return [t // 2 for t in total]
-        as_list = [padding] if isinstance(padding, int) else list(padding)
-        return as_list * dims if len(as_list) == 1 else as_list
+        return _per_dim(padding, dims)
 
     def _conv(self, u: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return aten.convolution.default(u, w, b, self.stride, self.padding, self.dilation, self.transposed,
@@ -114,11 +126,35 @@ class ConvOp(LinearOp):
     def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
         return self._conv(us[0], self.params.w(mod), self.params.b(mod) if bias else None)
 
-    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        if mod == "ones" and not self.transposed:
+            return [self._vjp_ones(g, like[0], scale)]
+        return [self._backward(g, like[0], self.params.w(mod, scale), self.groups)]
+
+    def vjp_many(self, g: torch.Tensor, mods: list[tuple[Mod, float]], like: list[torch.Tensor]
+                 ) -> list[list[torch.Tensor]]:
+        """Several weights applied to one g in a single convolution (weights side by side on input channels)."""
+        if self.groups != 1 or self.transposed or len(mods) == 1 or "ones" in [m for m, _ in mods]:
+            return super().vjp_many(g, mods, like)
+        weight = torch.cat([self.params.w(mod, scale) for mod, scale in mods], dim=1)
+        x = like[0]
+        stacked = x.new_empty((x.shape[0], weight.shape[1], *x.shape[2:]))
+        grads = self._backward(g, stacked, weight, 1).split(x.shape[1], dim=1)
+        return [[grad] for grad in grads]
+
+    def _vjp_ones(self, g: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """Wᵀg for all-ones weights: every input channel of a group gets the same map (flat rule)."""
+        groups, per_group = self.groups, x.shape[1] // self.groups
+        summed = g.reshape(g.shape[0], groups, -1, *g.shape[2:]).sum(2)
+        ones = g.new_full((groups, 1, *self.params.weight.shape[2:]), scale)
+        grad = self._backward(summed, x[:, :groups], ones, groups)
+        return grad.expand_as(x) if groups == 1 or per_group == 1 else grad.repeat_interleave(per_group, dim=1)
+
+    def _backward(self, g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
         grad, _, _ = aten.convolution_backward.default(
-            g, like[0], self.params.w(mod), None, self.stride, self.padding, self.dilation, self.transposed,
-            self.output_padding, self.groups, [True, False, False])
-        return [grad]
+            g, x, weight, None, self.stride, self.padding, self.dilation, self.transposed, self.output_padding,
+            groups, [True, False, False])
+        return grad
 
     def bias(self, mod: Mod) -> torch.Tensor | float:
         b = self.params.b(mod)
@@ -138,8 +174,8 @@ class DenseOp(LinearOp):
     def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
         return aten.linear.default(us[0], self.params.w(mod), self.params.b(mod) if bias else None)
 
-    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [g @ self.params.w(mod)]
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        return [g @ self.params.w(mod, scale)]
 
     def bias(self, mod: Mod) -> torch.Tensor | float:
         b = self.params.b(mod)
@@ -162,13 +198,15 @@ class SumOp(LinearOp):
                 self.coefs.append(float(sign))
             else:
                 self.const = self.const + sign * constant(operand)
+        self.positive = all(c > 0 for c in self.coefs) and isinstance(self.const, float) and self.const == 0.0
 
     def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
         z = sum(c * u for c, u in zip(self.coefs, us))
         return factor(mod) * (z + self.const if bias else z)  # type: ignore[return-value]
 
-    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [_sum_to(factor(mod) * c * g, u.shape) for c, u in zip(self.coefs, like)]
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        scales = [scale * factor(mod) * c for c in self.coefs]
+        return [_sum_to(g if k == 1.0 else k * g, u.shape) for k, u in zip(scales, like)]
 
     def bias(self, mod: Mod) -> torch.Tensor | float:
         return factor(mod) * self.const
@@ -176,6 +214,8 @@ class SumOp(LinearOp):
 
 class FuncOp(LinearOp):
     """Any op linear in its single graph input without parameters (pooling, mean, sum): run through autograd."""
+
+    positive = True
 
     def __init__(self, node: fx.Node, constant: Callable[[Any], Any]):
         self.target = node.target
@@ -190,11 +230,48 @@ class FuncOp(LinearOp):
     def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
         return factor(mod) * self._call(us[0])
 
-    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
         u = torch.zeros_like(like[0]).requires_grad_(True)
+        k = scale * factor(mod)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(self._call(u), u, factor(mod) * g)
+            (grad,) = torch.autograd.grad(self._call(u), u, g if k == 1.0 else k * g)
         return [grad]
+
+
+class MatmulOp(LinearOp):
+    """a @ b of two graph tensors, linear in each. With attention weights (a softmax) as one operand,
+    that operand is the weights and gets no relevance (Ali et al. 2022); otherwise each operand
+    gets half (each alone explains the whole product)."""
+
+    positive = True
+
+    def __init__(self, node: fx.Node, constant: Callable[[Any], Any]):
+        from .nodes import softmax_operand
+
+        self.gate = softmax_operand(node)
+        self.values: list[torch.Tensor] = []
+
+    def bind(self, inputs: list[torch.Tensor]) -> "LinearOp":
+        bound = MatmulOp.__new__(MatmulOp)
+        bound.gate, bound.values = self.gate, inputs
+        return bound
+
+    def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
+        a, b = us
+        return factor(mod) * (a @ b)
+
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        a, b = self.values
+        k = scale * factor(mod) * (1.0 if self.gate is not None else 0.5)
+        to_a = None if self.gate == 0 else _sum_to(k * (g @ b.transpose(-1, -2)), a.shape)
+        to_b = None if self.gate == 1 else _sum_to(k * (a.transpose(-1, -2) @ g), b.shape)
+        return [to_a, to_b]  # type: ignore[list-item]
+
+
+def _per_dim(value: Any, dims: int) -> list[int]:
+    """An int or a list of ints (one, or one per spatial dimension) as one int per dimension."""
+    values = [value] if isinstance(value, int) else list(value)
+    return values * dims if len(values) == 1 else values
 
 
 def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -207,6 +284,7 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def linear_op(node: fx.Node, node_kind: str, constant: Callable[[Any], Any]) -> LinearOp:
-    """The LinearOp view of a conv, linear, sum or pool node."""
-    table: dict[str, type[LinearOp]] = {"conv": ConvOp, "linear": DenseOp, "sum": SumOp, "pool": FuncOp}
+    """The LinearOp view of a conv, linear, sum, pool or matmul node."""
+    table: dict[str, type[LinearOp]] = {"conv": ConvOp, "linear": DenseOp, "sum": SumOp, "pool": FuncOp,
+                                        "matmul": MatmulOp}
     return table[node_kind](node, constant)  # type: ignore[call-arg]

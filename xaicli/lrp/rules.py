@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .ops import NEG, P, POS, LinearOp, Mod
+from .ops import NEG, P, POS, LinearOp, Mod, factor
 
 
 @dataclass
@@ -61,7 +61,8 @@ class Term:
 
 @dataclass(frozen=True)
 class Share:
-    """Terms normalised together; `outputs` limits it to outputs with z > 0 ("pos") or z < 0 ("neg")."""
+    """Terms normalised together; `outputs` limits it to outputs with z > 0 ("pos") or z < 0 ("neg"),
+    where its denominator must have that same sign (true of gamma's shares)."""
 
     terms: tuple[Term, ...]
     scale: float = 1.0
@@ -94,6 +95,7 @@ class Epsilon(LayerRule):
 
     epsilon: float = 1e-6
     name: ClassVar[str] = "epsilon"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS | {"matmul"}
 
     @property
     def stabilizer(self) -> float:  # type: ignore[override]
@@ -109,6 +111,7 @@ class Norm(LayerRule):
 
     stabilizer: float = 1e-6
     name: ClassVar[str] = "norm"
+    kinds: ClassVar[frozenset[str]] = LINEAR_KINDS | {"matmul"}
 
     def shares(self) -> tuple[Share, ...]:
         return (Share((Term("x", P),)),)
@@ -243,7 +246,7 @@ class Gradient(Rule):
 
     name: ClassVar[str] = "gradient"
     kinds: ClassVar[frozenset[str]] = frozenset(
-        {"conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "gate", "shape", "other"})
+        {"conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "gate", "matmul", "shape", "other"})
     needs_graph: ClassVar[bool] = True
 
     def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
@@ -252,42 +255,79 @@ class Gradient(Rule):
         return list(grads)
 
 
-def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """z + ε·sign(z), with sign(0) = +1, so no denominator is zero."""
-    return z + torch.where(z >= 0, epsilon, -epsilon)
+def stabilize(z: torch.Tensor, epsilon: float, sign: int = 0) -> torch.Tensor:
+    """z + ε·sign(z), with sign(0) = +1, so no denominator is zero; `sign` is z's sign where known."""
+    if sign:
+        return z + sign * epsilon
+    # copysign gives -ε at z = -0.0 (Zennit: +ε); a -0.0 sum has only zero contributions, so no relevance moves either way
+    return z + torch.copysign(z.new_tensor(epsilon), z)
 
 
 def propagate(rule: LayerRule, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
-    """Relevance of a linear op's inputs under `rule`: one vjp per distinct (input, parameters) pair."""
+    """Relevance of a linear op's inputs under `rule`.
+
+    One vjp per distinct (input, parameters, factor) — factors such as α live in cached weights, not
+    in extra passes over activations — and one product with each distinct input.
+    """
     ctx = _Terms(rule, call)
-    grads: dict[tuple[str, Mod], torch.Tensor] = {}
+    grads: dict[tuple[str, Mod, float], torch.Tensor] = {}
     for share in rule.shares():
-        selected = _select(r, call.output, share.outputs)
-        if selected is None:
+        mask = None if share.outputs == "all" else call.output > 0 if share.outputs == "pos" else call.output < 0
+        if mask is not None and not bool((r * mask).any()):
             continue
         terms = [(ctx.resolve(t.input), t) for t in share.terms]
         terms = [(name, t) for name, t in terms if name is not None]
-        den = _sum(t.sign * ctx.z(name, t.mod, t.bias) for name, t in terms)
-        s = selected / stabilize(den, rule.stabilizer)
+        den = _sum(ctx.z(name, t.mod, t.bias) if t.sign == 1.0 else t.sign * ctx.z(name, t.mod, t.bias)
+                   for name, t in terms)
+        s = _divide(r, den, rule.stabilizer, _sign(ctx, terms, share), mask)
         for name, t in terms:
-            key = (name, t.mod)
-            g = s if share.scale * t.sign == 1.0 else share.scale * t.sign * s
-            grads[key] = grads[key] + g if key in grads else g
+            key = (name, t.mod, share.scale * t.sign)
+            grads[key] = grads[key] + s if key in grads else s
+    return _products(ctx, call, grads)
+
+
+def _products(ctx: "_Terms", call: Call, grads: dict[tuple[str, Mod, float], torch.Tensor]
+              ) -> list[torch.Tensor | None]:
+    """Σ over keys of input′ ⊙ W′ᵀ(factor·s): vjps of one s batched, summed per input′ before one product."""
+    by_g: dict[int, list[tuple[str, Mod, float]]] = {}
+    for key, g in grads.items():
+        by_g.setdefault(id(g), []).append(key)
+    by_input: dict[str, list[torch.Tensor | None]] = {}
+    for keys in by_g.values():
+        g = grads[keys[0]]
+        for (name, _, _), vs in zip(keys, call.op.vjp_many(g, [(m, k) for _, m, k in keys], call.inputs)):  # type: ignore[union-attr]
+            acc = by_input.setdefault(name, [None] * len(call.inputs))
+            for i, v in enumerate(vs):
+                acc[i] = v if acc[i] is None else acc[i] + v
     out: list[torch.Tensor | None] = [None] * len(call.inputs)
-    for (name, mod), g in grads.items():
+    for name, vs in by_input.items():
         us = ctx.inputs(name, full=True)
-        for i, v in enumerate(call.op.vjp(g, mod, call.inputs)):  # type: ignore[union-attr]
-            part = v if us is None else us[i] * v
+        for i, v in enumerate(vs):
+            part = v if us is None or v is None else v * us[i]
             out[i] = part if out[i] is None else out[i] + part
     return out
 
 
-def _select(r: torch.Tensor, z: torch.Tensor, outputs: str) -> torch.Tensor | None:
-    if outputs == "all":
-        return r
-    mask = z > 0 if outputs == "pos" else z < 0
-    selected = r * mask
-    return selected if bool(selected.any()) else None
+def _divide(r: torch.Tensor, den: torch.Tensor, epsilon: float, sign: int, mask: torch.Tensor | None
+            ) -> torch.Tensor:
+    """r / stab(den) (0 outside `mask`); with ε = 0 (LRP-0) outputs with z = 0 pass nothing on."""
+    if mask is not None:
+        return torch.where(mask, r / (den + sign * epsilon), 0.0)
+    if not epsilon:
+        return torch.where(den == 0, 0.0, r / den)
+    return r / stabilize(den, epsilon, sign)
+
+
+def _sign(ctx: "_Terms", terms: list[tuple[str, Term]], share: Share) -> int:
+    """The sign of a share's denominator wherever it is used (0 when it depends on the input).
+
+    A share limited to outputs z > 0 (z < 0) has positive (negative) denominators there, as
+    gamma's do: its added terms only push further away from zero.
+    """
+    if share.outputs != "all":
+        return 1 if share.outputs == "pos" else -1
+    signs = {ctx.sign(name, t.mod) * int(t.sign) for name, t in terms}
+    return signs.pop() if len(signs) == 1 else 0
 
 
 def _sum(values: Any) -> torch.Tensor:
@@ -314,6 +354,15 @@ class _Terms:
         if self.cache["nonneg"]:
             return "x" if name == "x+" else None
         return name
+
+    def sign(self, name: str, mod: Mod) -> int:
+        """Sign of a term z = op(input; mod) for every input: +1, -1, or 0 when unknown."""
+        inputs = {"x": 1 if self.cache.get("nonneg", self.nonneg) else 0, "x+": 1, "x-": -1, "ones": 1}.get(name, 0)
+        if not self.op.parametric:  # type: ignore[union-attr]
+            weights = 1 if self.op.positive and factor(mod) > 0 else 0  # type: ignore[union-attr]
+        else:
+            weights = {POS: 1, NEG: -1, "ones": 1, "square": 1}.get(mod, 0)
+        return inputs * weights
 
     def inputs(self, name: str, full: bool) -> list[torch.Tensor] | None:
         """Modified inputs: batch-sized for x±, one broadcastable sample for constants (None: ones in a product)."""
@@ -347,12 +396,13 @@ class _Terms:
         a, c = mod
         base = out if bias else out - op.bias(P)  # type: ignore[union-attr]
         if not op.parametric:  # type: ignore[union-attr]
-            return (a + c) * base
-        z = a * base if a else None
-        if c:
-            pos = self._positive(bias)
-            z = c * pos if z is None else z + c * pos
-        return z if z is not None else torch.zeros_like(out)
+            return base if a + c == 1 else (a + c) * base
+        if not c:
+            return base if a == 1 else a * base
+        pos = self._positive(bias)
+        if not a:
+            return pos if c == 1 else c * pos
+        return torch.add(base if a == 1 else a * base, pos, alpha=c)
 
     def _positive(self, bias: bool) -> torch.Tensor:
         key = ("pos", bias)
