@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xai-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+test-all: $(STAMP)  # also the slow extra-exporter parity cases
+	$(VENV)/bin/pytest -m ""
 
 bench: $(STAMP)
 	$(PY) bench/bench_explain.py

@@ -1,6 +1,6 @@
 """Parity of the graph with the source model for torchvision/timm architectures (random init,
-64×64 inputs) in all three formats: eager (torch.export), TorchScript (jit.trace, saved and
-loaded) and ONNX (torch.onnx, TorchScript-based or dynamo exporter), each at batch 1 and 3
+64×64 inputs) in all three formats: eager (torch.export), TorchScript (jit.trace; saved and
+loaded files are covered by test_graph's digits model) and ONNX (torch.onnx, TorchScript-based or dynamo exporter), each at batch 1 and 3
 from one graph, with input gradients through the graph equal to eager ones (for ONNX: of the
 eager model with BatchNorm folded into its convolutions, as the exporters do; folding alone
 moves ReLU decisions near 0 and changes resnet50's input gradient by 1.5 % in L2).
@@ -73,19 +73,12 @@ def to_onnx(module: torch.nn.Module, x: torch.Tensor, dynamo: bool) -> onnx.Mode
     return onnx.load_from_string(buffer.getvalue())
 
 
-def to_torchscript(module: torch.nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.trace(module, x, check_trace=False), buffer)
-    buffer.seek(0)
-    return torch.jit.load(buffer)
-
-
 def build(name: str, fmt: str) -> torch.fx.GraphModule:
     module, x, _, _ = source(name)
     if fmt == "eager":
         return from_module(module, x)
     if fmt == "torchscript":
-        return from_torchscript(to_torchscript(module, x), x)
+        return from_torchscript(torch.jit.trace(module, x, check_trace=False), x)
     return from_onnx(to_onnx(module, x, dynamo=fmt == "onnx-dynamo"))
 
 

@@ -33,7 +33,8 @@ COMPOSITES = ["EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1"]
 
 def photos(size: int) -> torch.Tensor:
     """astronaut, coffee and chelsea, resized to size×size and normalised like ImageNet inputs."""
-    images = [resize(image, (size, size), anti_aliasing=True) for image in (data.astronaut(), data.coffee(), data.chelsea())]
+    originals = (data.astronaut(), data.coffee(), data.chelsea())
+    images = [resize(image, (size, size), anti_aliasing=True) for image in originals]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)

@@ -97,6 +97,7 @@ def test_rules_by_type_in_mapping_and_command_line_form(method, models, digits) 
         ({"rules_by_type": {"maxpool": "z_plus"}}, "rule 'z_plus' does not apply to maxpool layers; allowed: gradient"),
         ({"rules_by_type": "conv gamma"}, "expected KEY=RULE pairs"),
         ({"composite": "EpsilonGammaBox", "low": 2.0, "high": 1.0}, "z_box needs low < high"),
+        ({"composite": "EpsilonGammaBox", "low": [-1.0, -2.0]}, "one value or one per input channel (1); got 2"),
     ],
 )
 def test_errors_name_the_problem(method, models, digits, given: dict, message: str) -> None:

@@ -92,3 +92,23 @@ def test_grid_segments_paint_coefficients_and_masked_copies_are_chunked(digits):
     assert out.extras["n_segments"].tolist() == [16, 16, 16]
     painted = out.extras["coefficients"].gather(1, segments.flatten(1).long()).view(3, 1, 32, 32)
     assert torch.equal(out.relevance, painted)
+
+
+@pytest.mark.parametrize("segmentation", ["slic", "quickshift"])
+def test_colour_photo_segmentations_label_every_pixel(segmentation):
+    """scikit-image segments the de-normalised RGB photo; labels are 0..k−1 and the map paints them."""
+    from skimage import data
+
+    from xaicli.model import InputSpec
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 31 * 31, 5)).eval()
+    spec = InputSpec(size=(128, 128))
+    photo = torch.from_numpy(data.astronaut()[::4, ::4].copy()).permute(2, 0, 1)[None].float() / 255
+    x = (photo - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    out = lime(Model("tiny", spec, torch.device("cpu"), module=net), x, torch.tensor([2]), BatchRNG([0]),
+               segmentation=segmentation, segments=30, samples=64)
+    labels, k = out.extras["segments"][0].long(), int(out.extras["n_segments"][0])
+    assert 5 <= k <= 80 and torch.equal(labels.unique(), torch.arange(k))
+    assert torch.equal(out.relevance[0, 1], out.extras["coefficients"][0][labels])

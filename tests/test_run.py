@@ -233,3 +233,48 @@ def test_fixed_target_and_csv_targets(digits, tmp_path):
                             target=str(tmp_path / "targets.csv"))
     assert by_csv.exit_code == 0
     assert all(int(v["target"]) == int(k.split("/")[0]) for k, v in arrays(tmp_path / "csv", "saliency").items())
+
+
+def _onnx_with_cumsum(path: Path) -> None:
+    """A tiny classifier whose last op (CumSum) xai's ONNX->torch converter does not support."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(1024, 10)).astype(np.float32), "w")
+    axis = numpy_helper.from_array(np.array(1, dtype=np.int64), "axis")
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["flat"], name="flatten", axis=1),
+        helper.make_node("MatMul", ["flat", "w"], ["scores"], name="classifier"),
+        helper.make_node("CumSum", ["scores", "axis"], ["logits"], name="running_total"),
+    ]
+    graph = helper.make_graph(nodes, "cumsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], [weight, axis])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_onnx_unsupported_op_fails_up_front_for_gradients_but_runs_occlusion(digits, tmp_path):
+    model = tmp_path / "cumsum.onnx"
+    _onnx_with_cumsum(model)
+    flags = ["--input-size", "32", "--mean", "0.25", "--std", "0.35", "-q"]
+    refused = xai("explain", model, digits.images, "-m", "saliency", "-o", tmp_path / "grad", *flags)
+    assert refused.returncode == 2
+    assert "CumSum" in refused.stderr and "running_total" in refused.stderr and "17" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert not list((tmp_path / "grad").rglob("*.npz"))
+    forward_only = xai("explain", model, digits.images, "-m", "occlusion", "-o", tmp_path / "occ", *flags)
+    assert forward_only.returncode == 0, forward_only.stderr
+    assert len(arrays(tmp_path / "occ", "occlusion")) == 20
+
+
+def test_onnx_gradients_match_torchscript(digits, tmp_path):
+    """Through xai's ONNX->torch graph, saliency on the ONNX file equals saliency on the TorchScript file."""
+    ts = xaicli.explain(digits.torchscript, digits.images, methods=["saliency"], output=tmp_path / "ts")
+    ox = xaicli.explain(digits.onnx, digits.images, methods=["saliency"], output=tmp_path / "onnx")
+    assert ts.exit_code == ox.exit_code == 0
+    a, b = arrays(tmp_path / "ts", "saliency"), arrays(tmp_path / "onnx", "saliency")
+    relative = {k: np.abs(a[k]["relevance"] - b[k]["relevance"]).max() / np.abs(a[k]["relevance"]).max() for k in a}
+    # The ONNX exporter folds BatchNorm into the convs: rounding differs at 1e-7, which can flip a max-pool
+    # tie on these upsampled digits (equal neighbours) and reroute a few pixels' gradient. Measured: 19 of
+    # 20 inputs agree to 2e-7; one has 12 rerouted pixels (1.5 % relative L2).
+    assert sum(r <= 1e-5 for r in relative.values()) >= 18
+    assert all(np.linalg.norm(a[k]["relevance"] - b[k]["relevance"]) <= 0.05 * np.linalg.norm(a[k]["relevance"]) for k in a)

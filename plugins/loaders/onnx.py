@@ -1,4 +1,4 @@
-"""ONNX loader: a forward-only model run by onnxruntime (no input gradients).
+"""ONNX loader: forward passes run by onnxruntime; input gradients and graph-aware methods go through xai's torch graph (xaicli.graph).
 
 The file is validated with onnx.checker first, so a corrupt download gets a clear message.
 Input spec: defaults (see modelfile.py), then the ``xai.json`` entry of the model's
@@ -121,7 +121,7 @@ def forward(sess: ort.InferenceSession, output: str, dtype: np.dtype, device: to
 
 
 def load(spec: str, device: torch.device, threads: int | None = None) -> Model:
-    """An onnxruntime session wrapped as a forward-only Model."""
+    """An onnxruntime session wrapped as a Model (forward passes through onnxruntime)."""
     path = existing_file(spec, "ONNX model file")
     proto = read_graph(path)
     value = graph_input(proto, spec)
@@ -139,7 +139,7 @@ def load(spec: str, device: torch.device, threads: int | None = None) -> Model:
         digest=file_digest(path),
         source=spec,
         fixed_batch=dims[0],
-        extra={"providers": sess.get_providers(), "threads": sess.get_session_options().intra_op_num_threads},
+        extra={"onnx_path": str(path), "providers": sess.get_providers(), "threads": sess.get_session_options().intra_op_num_threads},
     )
 
 
@@ -148,7 +148,7 @@ def xai_loaders() -> list[Loader]:
     return [
         Loader(
             "onnx",
-            "ONNX file run by onnxruntime (forward-only); spec from metadata xai.json and the input shape",
+            "ONNX file run by onnxruntime (gradients through xai's torch graph); spec from metadata xai.json and the input shape",
             claims,
             load,
             (Param("threads", int, None, "onnxruntime intra-op threads (default: torch.get_num_threads())", low=1),),

@@ -49,6 +49,9 @@ def _settings(model: Model, epsilon: float, gamma: float, low: Any, high: Any) -
     if high is None:
         high = tuple((1.0 - m) / s for m, s in zip(spec.mean, spec.std))
     as_bound = lambda v: tuple(float(e) for e in v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, (list, tuple)) and len(value) not in (1, spec.channels):
+            raise UsageError(f"lrp {name}: give one value or one per input channel ({spec.channels}); got {len(value)}")
     try:
         return Settings(epsilon=epsilon, gamma=gamma, low=as_bound(low), high=as_bound(high))
     except ValueError as exc:
@@ -103,9 +106,9 @@ def xai_methods() -> list[Method]:
                 Param("epsilon", float, 1e-6, "epsilon of the epsilon rule (dense layers)", low=0.0),
                 Param("gamma", float, 0.25, "gamma of the gamma rule (EpsilonGammaBox convolutions)", low=0.0),
                 Param("low", (float, list), None,
-                      "z-box lower bound in normalised input space, scalar or per channel (default: pixel 0 normalised)"),
+                      "z-box lower bound, normalised input space, scalar or per channel (default: pixel 0 normalised)"),
                 Param("high", (float, list), None,
-                      "z-box upper bound in normalised input space, scalar or per channel (default: pixel 1 normalised)"),
+                      "z-box upper bound, normalised input space, scalar or per channel (default: pixel 1 normalised)"),
                 Param("rules_by_type", (dict, str), None,
                       f"rule per layer type, e.g. {{conv: gamma:0.25, linear: epsilon}}; types: {kinds}"),
                 Param("rules_by_name", (dict, str), None,

@@ -72,6 +72,8 @@ def shifted(model: Model, shift: float) -> Model:
     """A Model with f'(x + shift) = f(x) for every x (Kindermans et al.'s input-invariance setup)."""
     if model.module is not None:
         return replace(model, module=_Shifted(model.module, shift).eval())
+    if model.differentiable:  # ONNX: shift in front of xai's torch graph, so gradients flow too
+        return replace(model, module=_Shifted(model.graph(), shift).eval())
     forward = model.forward_fn
     assert forward is not None
     return replace(model, forward_fn=lambda x: forward(x - shift))

@@ -31,17 +31,23 @@ source (where the exporters allow):
 - batch norm `aten.batch_norm.default` with running statistics and training=False (one
   output; never `_native_batch_norm_legit_no_training`); layer norm `aten.layer_norm.default`;
 - pooling `aten.max_pool2d.default`, `aten.avg_pool2d.default`,
-  `aten.adaptive_avg_pool2d.default` or `aten.mean.dim` (global averages);
+  `aten.adaptive_avg_pool2d.default` (global average pooling too: ONNX GlobalAveragePool and
+  keep-dim means over H, W become `adaptive_avg_pool2d(x, [1, 1])`), other means `aten.mean.dim`;
 - residual sums `aten.add.Tensor`, concatenation `aten.cat.default`;
 - activations `aten.relu/gelu/sigmoid/tanh/hardswish/hardsigmoid/silu/leaky_relu/...`
-  (ONNX's erf spelling of GELU becomes `aten.gelu.default`; Clip(min, max) becomes
-  `aten.hardtanh.default`, like nn.ReLU6);
+  (ONNX's erf spelling of GELU becomes `aten.gelu.default`, x·sigmoid(x) `aten.silu.default`,
+  Clip(min, max) `aten.hardtanh.default` like nn.ReLU6);
 - attention is explicit: `matmul`, `mul` (scale), `softmax.int`, `matmul`
   (scaled_dot_product_attention is expanded);
 - shape ops: `aten.reshape.default` (never view or flatten), `aten.permute.default` (never
   transpose), `aten.select.int` / `aten.slice.Tensor` (never unbind/split + getitem),
   `aten.expand.default`; the only `operator.getitem` nodes would follow a multi-output op
   with no single-output spelling (none of the supported models has one).
+
+Known differences between sources: torch.onnx folds BatchNorm into the preceding
+convolution (so ONNX graphs have fewer batch_norm nodes, and input gradients equal those of
+the folded model), and the dynamo exporter spells a few ops its own way (an adaptive pool as
+gathers, an as_strided as index arithmetic); the values agree.
 
 Layer names (`meta["layer"]`; `node.name` is the same with dots as underscores)
 --------------------------------------------------------------------------------

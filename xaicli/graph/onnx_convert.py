@@ -27,7 +27,7 @@ class OnnxModule(nn.Module):
         self._paths = parameter_names(program)
         for name, (path, is_buffer) in self._paths.items():
             value = program.consts[name]
-            _set(self, path, value.clone() if is_buffer else nn.Parameter(value.clone(), requires_grad=False))
+            _set(self, path, value if is_buffer else nn.Parameter(value, requires_grad=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         program = self._program  # constants stay in the program: tensor attributes would be traced

@@ -7,7 +7,7 @@
   (mm, matmul, addmm) written as aten.linear.
 - In-place ops replaced by their out-of-place forms, multi-output forms (`_native_batch_norm_legit_no_training`,
   `native_layer_norm`, `max_pool2d_with_indices`) by single-output ones, eval-mode dropout removed,
-  computations on constants folded, and one tensor output.
+  views as reshapes, computations on constants folded, and one tensor output.
 
 The source graph is never modified. Untouched parameters are shared read-only with it; every changed
 tensor is new, so the user's model and the source graph keep their parameters.
@@ -159,7 +159,11 @@ def _single_outputs(builder: _Builder) -> None:
 
 
 def _drop_identities(builder: _Builder) -> None:
+    """Eval dropout and copies are the identity; views become reshapes (inputs may be NHWC, see engine)."""
     for node in _calls(builder):
+        if node.target in (aten.view.default, aten._unsafe_view.default):
+            node.target = aten.reshape.default
+            continue
         name = packet(node)
         identity = name in _IDENTITY or (name in ("dropout", "feature_dropout") and not bind(node).get("train"))
         if identity and isinstance(node.args[0], fx.Node) and len(node.args) >= 1:

@@ -7,6 +7,11 @@ Precedence: by name, then the first-layer rule, then by type (user's, then the c
 Rule specs are strings: "epsilon", "epsilon:0.1", "gamma:0.25", "alpha_beta:2,1", "z_plus",
 "z_box:-3,3", "flat", "w_square", "norm", "pass", "gradient"; without numbers they take the
 composite's epsilon, gamma, low/high and stabiliser.
+
+Every composite maps activation/norm -> pass, sum/pool -> norm, maxpool -> gradient, linear -> epsilon
+(Zennit's base map). Beyond Zennit, which has no rule for functional ops: gates (x·sigmoid(...),
+squeeze-excitation) pass relevance to the signal, and attention products treat the softmax weights
+as constants (norm rule on the values).
 """
 from __future__ import annotations
 

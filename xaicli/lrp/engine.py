@@ -51,7 +51,9 @@ class LRP:
 
     `graph` is an ATen-level GraphModule (xaicli.graph's representation); it is canonized into a new
     GraphModule, so neither it nor the model it came from changes. `record` names layers whose
-    output relevance is returned as well.
+    output relevance is returned as well. `channels_last` (default: on CPUs) runs 4-D tensors in NHWC,
+    where oneDNN's convolutions are faster; results differ from NCHW by rounding only, which max
+    pooling's winner-take-all can turn into a moved pixel where two window entries are within an ulp.
     """
 
     def __init__(self, graph: fx.GraphModule, composite: Composite, record: Sequence[str] = (),

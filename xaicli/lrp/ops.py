@@ -50,7 +50,12 @@ class LinearOp(ABC):
 
     def vjp_many(self, g: torch.Tensor, mods: list[tuple[Mod, float]], like: list[torch.Tensor]
                  ) -> list[list[torch.Tensor]]:
-        """`vjp` of one g for several (modifier, scale) pairs."""
+        """`vjp` of one g for several (modifier, scale) pairs. More than two linear modifiers (z^B's
+        w, w⁺, w⁻) cost two vjps: (a·w + c·w⁺)ᵀg = a·wᵀg + c·w⁺ᵀg."""
+        if self.parametric and len(mods) > 2 and all(isinstance(mod, tuple) for mod, _ in mods):
+            base, positive = self.vjp_many(g, [(P, 1.0), (POS, 1.0)], like)
+            return [[scale * (mod[0] * b + mod[1] * p) for b, p in zip(base, positive)]  # type: ignore[index]
+                    for mod, scale in mods]
         return [self.vjp(g, mod, like, scale) for mod, scale in mods]
 
     def bias(self, mod: Mod) -> torch.Tensor | float:
@@ -134,7 +139,7 @@ class ConvOp(LinearOp):
     def vjp_many(self, g: torch.Tensor, mods: list[tuple[Mod, float]], like: list[torch.Tensor]
                  ) -> list[list[torch.Tensor]]:
         """Several weights applied to one g in a single convolution (weights side by side on input channels)."""
-        if self.groups != 1 or self.transposed or len(mods) == 1 or "ones" in [m for m, _ in mods]:
+        if self.groups != 1 or self.transposed or len(mods) != 2 or "ones" in [m for m, _ in mods]:
             return super().vjp_many(g, mods, like)
         weight = torch.cat([self.params.w(mod, scale) for mod, scale in mods], dim=1)
         x = like[0]

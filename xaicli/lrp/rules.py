@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -250,16 +250,19 @@ class Gradient(Rule):
     needs_graph: ClassVar[bool] = True
 
     def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
-        assert call.leaves is not None and call.graph_out is not None
-        grads = torch.autograd.grad(call.graph_out, call.leaves, r, allow_unused=True)
-        return list(grads)
+        leaves = call.leaves or []
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        if not wanted or call.graph_out is None or not call.graph_out.requires_grad:
+            return [None] * len(leaves)
+        grads = iter(torch.autograd.grad(call.graph_out, wanted, r, allow_unused=True))
+        return [next(grads) if leaf.requires_grad else None for leaf in leaves]
 
 
 def stabilize(z: torch.Tensor, epsilon: float, sign: int = 0) -> torch.Tensor:
     """z + ε·sign(z), with sign(0) = +1, so no denominator is zero; `sign` is z's sign where known."""
     if sign:
         return z + sign * epsilon
-    # copysign gives -ε at z = -0.0 (Zennit: +ε); a -0.0 sum has only zero contributions, so no relevance moves either way
+    # copysign gives -ε at z = -0.0 (Zennit: +ε); a -0.0 sum has only zero contributions, so nothing moves
     return z + torch.copysign(z.new_tensor(epsilon), z)
 
 
@@ -271,31 +274,47 @@ def propagate(rule: LayerRule, call: Call, r: torch.Tensor) -> list[torch.Tensor
     """
     ctx = _Terms(rule, call)
     grads: dict[tuple[str, Mod, float], torch.Tensor] = {}
+    masks = _Masks(call.output)
     for share in rule.shares():
-        mask = None if share.outputs == "all" else call.output > 0 if share.outputs == "pos" else call.output < 0
-        if mask is not None and not bool((r * mask).any()):
-            continue
+        outside = masks.outside(share.outputs)
+        if share.outputs == "neg" and not bool((r * masks.outside("pos")).any()):
+            continue  # no relevance on outputs <= 0 (none after a ReLU): skip the share and its vjp
         terms = [(ctx.resolve(t.input), t) for t in share.terms]
         terms = [(name, t) for name, t in terms if name is not None]
         den = _sum(ctx.z(name, t.mod, t.bias) if t.sign == 1.0 else t.sign * ctx.z(name, t.mod, t.bias)
                    for name, t in terms)
-        s = _divide(r, den, rule.stabilizer, _sign(ctx, terms, share), mask)
+        s = _divide(r, den, rule.stabilizer, _sign(ctx, terms, share), outside)
         for name, t in terms:
             key = (name, t.mod, share.scale * t.sign)
             grads[key] = grads[key] + s if key in grads else s
     return _products(ctx, call, grads)
 
 
+class _Masks:
+    """Outputs a share does not serve (z <= 0 for "pos", z >= 0 for "neg"), each computed once."""
+
+    def __init__(self, z: torch.Tensor):
+        self.z = z
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def outside(self, outputs: str) -> torch.Tensor | None:
+        if outputs == "all":
+            return None
+        if outputs not in self.cache:
+            self.cache[outputs] = self.z <= 0 if outputs == "pos" else self.z >= 0
+        return self.cache[outputs]
+
+
 def _products(ctx: "_Terms", call: Call, grads: dict[tuple[str, Mod, float], torch.Tensor]
               ) -> list[torch.Tensor | None]:
-    """Σ over keys of input′ ⊙ W′ᵀ(factor·s): vjps of one s batched, summed per input′ before one product."""
+    """Σ over keys of input′ ⊙ W′ᵀ(factor·s): vjps of one s batched, summed per input′, one product each."""
     by_g: dict[int, list[tuple[str, Mod, float]]] = {}
     for key, g in grads.items():
         by_g.setdefault(id(g), []).append(key)
     by_input: dict[str, list[torch.Tensor | None]] = {}
     for keys in by_g.values():
-        g = grads[keys[0]]
-        for (name, _, _), vs in zip(keys, call.op.vjp_many(g, [(m, k) for _, m, k in keys], call.inputs)):  # type: ignore[union-attr]
+        vjps = call.op.vjp_many(grads[keys[0]], [(m, k) for _, m, k in keys], call.inputs)  # type: ignore[union-attr]
+        for (name, _, _), vs in zip(keys, vjps):
             acc = by_input.setdefault(name, [None] * len(call.inputs))
             for i, v in enumerate(vs):
                 acc[i] = v if acc[i] is None else acc[i] + v
@@ -308,14 +327,14 @@ def _products(ctx: "_Terms", call: Call, grads: dict[tuple[str, Mod, float], tor
     return out
 
 
-def _divide(r: torch.Tensor, den: torch.Tensor, epsilon: float, sign: int, mask: torch.Tensor | None
+def _divide(r: torch.Tensor, den: torch.Tensor, epsilon: float, sign: int, outside: torch.Tensor | None
             ) -> torch.Tensor:
-    """r / stab(den) (0 outside `mask`); with ε = 0 (LRP-0) outputs with z = 0 pass nothing on."""
-    if mask is not None:
-        return torch.where(mask, r / (den + sign * epsilon), 0.0)
-    if not epsilon:
+    """r / stab(den), 0 where `outside`; with ε = 0 (LRP-0) outputs with z = 0 pass nothing on."""
+    if not epsilon and outside is None:
         return torch.where(den == 0, 0.0, r / den)
-    return r / stabilize(den, epsilon, sign)
+    stable = stabilize(den, epsilon, sign)  # a new tensor: divide into it
+    s = torch.div(r, stable, out=stable) if stable.shape == r.shape else r / stable
+    return s.masked_fill_(outside, 0.0) if outside is not None else s
 
 
 def _sign(ctx: "_Terms", terms: list[tuple[str, Term]], share: Share) -> int:
@@ -338,7 +357,11 @@ def _sum(values: Any) -> torch.Tensor:
 
 
 class _Terms:
-    """Term inputs and outputs of one call, each computed once; uses z(x; a·w + c·w⁺) = a·z(x; w) + c·z(x; w⁺)."""
+    """Term inputs and outputs of one call, each computed once.
+
+    z(x; a·w + c·w⁺) = a·z(x; w) + c·z(x; w⁺) reuses the forward's z(x; w): gamma, z⁺ and α-β need one
+    extra convolution (w⁺) per layer, whatever their number of terms.
+    """
 
     def __init__(self, rule: LayerRule, call: Call):
         self.rule, self.call, self.op = rule, call, call.op
