@@ -4,7 +4,8 @@ model's torch graph, so they work for eager, TorchScript and ONNX models alike (
 An fx Interpreter runs the model's graph (`model.graph()`, see xaicli.graph), hands out the
 activation A [B,K,h,w] of the chosen node as a leaf tensor and continues from it, so one backward
 gives ∂f_t/∂A (and nothing upstream of the layer is differentiated).
-- gradcam: ReLU(Σ_k α_k A_k), α_k the spatial mean of ∂f_t/∂A_k — captum's LayerGradCam.
+- gradcam: ReLU(Σ_k α_k A_k), α_k the spatial mean of ∂f_t/∂A_k — captum's LayerGradCam with
+  relu_attributions=True (the paper's ReLU; captum's default False keeps negative evidence).
 - gradcam_plus_plus: α_k = Σ_ij a_kij·ReLU(g_kij) with a_kij = g²_kij / (2g²_kij + g³_kij·Σ_ab A_kab),
   g = ∂f_t/∂A: the paper's closed form (exponential of the score), a = 0 where g = 0.
 The map is upsampled to the input with `interpolation` (bilinear by default, as in the paper;
