@@ -24,6 +24,10 @@ ONNX_DTYPES = {
 }
 
 
+class UnsupportedForm(ValueError):
+    """A supported op used in a form the converter does not handle; reported with the op and node."""
+
+
 class Attrs(dict):
     """A node's attributes plus what some ops need to know about the model: the batch size
     baked into a fixed-batch export (`fixed_batch`) and the batch size of this run (`batch`)."""
@@ -236,7 +240,7 @@ def conv(a: Attrs, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = No
 def conv_transpose(a: Attrs, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     n = w.dim() - 2
     if "output_shape" in a or a.get("auto_pad", "NOTSET") != "NOTSET":
-        raise NotImplementedError("ConvTranspose with output_shape or auto_pad")
+        raise UnsupportedForm("ConvTranspose with output_shape or auto_pad")
     strides, dilations = list(a.get("strides", [1] * n)), list(a.get("dilations", [1] * n))
     pads = list(a.get("pads", [0] * 2 * n))
     begin, end = pads[:n], pads[n:]
@@ -265,7 +269,7 @@ def linear(a: Attrs, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
 
 def batch_norm(a: Attrs, x, scale, bias, mean, var) -> torch.Tensor:
     if a.get("training_mode", 0):
-        raise NotImplementedError("BatchNormalization in training mode")
+        raise UnsupportedForm("BatchNormalization in training mode")
     return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))
 
 
@@ -293,7 +297,7 @@ def avg_pool(a: Attrs, x: torch.Tensor) -> torch.Tensor:
     pads = _pads(a, x, kernel, strides, [1] * n)
     include = bool(a.get("count_include_pad", 0))
     if pads[:n] != pads[n:] and not include:
-        raise NotImplementedError("AveragePool with asymmetric pads and count_include_pad=0")
+        raise UnsupportedForm("AveragePool with asymmetric pads and count_include_pad=0")
     x, padding = _symmetric(x, pads)
     return AVG_POOL[n](x, kernel, strides, padding, bool(a.get("ceil_mode", 0)), include)
 
@@ -406,7 +410,7 @@ def slice_(a: Attrs, x: Value, starts: Value = None, ends: Value = None, axes: V
     axes = [ax % rank for ax in (ints(axes) if axes is not None else a.get("axes", range(len(starts))))]
     steps = ints(steps) if steps is not None else [1] * len(starts)
     if any(st < 0 for st in steps):
-        raise NotImplementedError("Slice with negative steps")
+        raise UnsupportedForm("Slice with negative steps")
     if is_listy(x):
         return as_list(x)[_index_list(starts, ends, axes, steps, 1)[0]]
     ends = [min(e, x.shape[ax]) if isinstance(x.shape[ax], int) else e for e, ax in zip(ends, axes)]
@@ -431,7 +435,7 @@ def gather(a: Attrs, x: Value, indices: Value) -> Value:
 def gather_nd(a: Attrs, x: torch.Tensor, indices: Value) -> torch.Tensor:
     """x[i0, i1, ..] for the index tuples in the last axis of `indices` (batch_dims = 0)."""
     if a.get("batch_dims", 0):
-        raise NotImplementedError("GatherND with batch_dims > 0")
+        raise UnsupportedForm("GatherND with batch_dims > 0")
     idx = indices if isinstance(indices, torch.Tensor) else torch.tensor(indices)
     return x[tuple(idx[..., i] for i in range(idx.shape[-1]))]
 
@@ -514,7 +518,7 @@ def einsum(a: Attrs, *xs: torch.Tensor) -> torch.Tensor:
 
 
 def _unsupported_shape_math(op: str):
-    raise NotImplementedError(f"{op} on shape values of this form")
+    raise UnsupportedForm(f"{op} on shape values of this form")
 
 
 def _bool(fn: Callable) -> Callable:
