@@ -26,6 +26,29 @@ def test_saliency_and_gradient_x_input_equal_captum(model, digits):
     assert torch.equal(gradient_x_input(model, x, t, rng).relevance, InputXGradient(digits.module).attribute(x, target=t))
 
 
+def test_kept_forward_serves_the_batch_gradients_with_one_forward(digits):
+    calls = []
+    module = digits.module
+    hook = module.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        model = Model("digits", digits.spec, torch.device("cpu"), module=module)
+        x, t = digits.x[:8], digits.y[:8]
+        rng = BatchRNG(range(8))
+        logits = model.keep_forward(x)
+        kept_saliency = saliency(model, x, t, rng).relevance
+        kept_gxi = gradient_x_input(model, x, t, rng).relevance
+        assert len(calls) == 1  # the kept forward only: both gradients came from its graph
+        model.release()
+        assert torch.equal(logits, module(x))
+        assert torch.equal(kept_saliency, Saliency(module).attribute(x, target=t, abs=False))
+        assert torch.equal(kept_gxi, InputXGradient(module).attribute(x, target=t))
+        calls.clear()
+        saliency(model, x, t, rng)  # released: a fresh forward and backward
+        assert len(calls) == 1
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("window,stride,baseline", [(8, 4, 0.0), (5, 3, -1.0), ([6, 4], [3, 2], 0.5)])
 def test_occlusion_matches_captum(model, digits, window, stride, baseline):
     x, t = digits.x[:4], digits.y[:4]

@@ -51,6 +51,8 @@ class Method:
 
     x is [B,C,H,W] on the model's device (normalised model input), target a LongTensor [B].
     `rng` holds the per-input random streams; deterministic methods ignore it.
+    `reuses_forward`: explain takes `input_gradient(model, x, target)` of the batch itself, so the
+    run keeps the graph of its target forward for it (one forward per batch instead of two).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Method:
     explain: Callable[..., Attribution]
     params: tuple[Param, ...] = ()
     needs: Needs = "gradient"
+    reuses_forward: bool = False
 
 
 @dataclass(frozen=True)

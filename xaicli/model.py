@@ -61,6 +61,7 @@ class Model:
     source: str = ""  # file path or timm name, for messages and run.json
     fixed_batch: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _kept: "KeptForward | None" = field(default=None, init=False, repr=False)
 
     @property
     def differentiable(self) -> bool:
@@ -96,6 +97,19 @@ class Model:
             return self(x)
         return torch.cat([self(part) for part in x.split(max_batch)])
 
+    def keep_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the batch x, computed with its graph kept so that the first
+        `input_gradient(self, x, target)` costs only a backward. `release()` frees the graph."""
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = self(leaf)
+        self._kept = KeptForward(x, leaf, logits)
+        return logits.detach()
+
+    def release(self) -> None:
+        """Drop what `keep_forward` kept."""
+        self._kept = None
+
     def label(self, index: int) -> str:
         if self.labels and 0 <= index < len(self.labels):
             return self.labels[index]
@@ -112,13 +126,36 @@ def predict_stream(model: Model, make: Callable[[int, int], torch.Tensor], total
     return torch.cat(outs)
 
 
+@dataclass
+class KeptForward:
+    """A batch's forward pass with its graph, and the input gradients already taken from it."""
+
+    x: torch.Tensor  # the batch as the run hands it to methods (matched by identity)
+    leaf: torch.Tensor
+    logits: torch.Tensor | None  # None once a backward has consumed the graph
+    grads: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
 def gather_target(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """logits[i, target[i]] for each row: [B]."""
     return logits.gather(1, target.view(-1, 1).to(logits.device)).squeeze(1)
 
 
 def input_gradient(model: Model, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂f_t/∂x, f_t(x)) for a batch, without touching the model's parameter gradients."""
+    """(∂f_t/∂x, f_t(x)) for a batch, without touching the model's parameter gradients.
+    Reuses the forward `model.keep_forward(x)` kept for this very batch, and its gradients."""
+    kept = model._kept
+    if kept is not None and kept.x is x:
+        key = tuple(target.tolist())
+        if key not in kept.grads and kept.logits is not None:
+            with torch.enable_grad():
+                out = gather_target(kept.logits, target)
+                (grad,) = torch.autograd.grad(out.sum(), kept.leaf)
+            kept.logits = None
+            kept.grads[key] = grad, out.detach()
+        if key in kept.grads:
+            grad, out = kept.grads[key]
+            return grad.clone(), out.clone()
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         out = gather_target(model(x), target)

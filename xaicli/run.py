@@ -213,6 +213,7 @@ class Run:
             out: (registry.method(p["method"]), {k: v for k, v in p.items() if k != "method"})
             for out, p in methods.items()
         }
+        self.reuse_forward = self.previous is None and any(m.reuses_forward for m, _ in self.methods.values())
         self.metrics = {
             out: (registry.metric(p["metric"]), {k: v for k, v in p.items() if k != "metric"})
             for out, p in self.resolved.get("metrics", {}).items()
@@ -315,11 +316,23 @@ class Run:
         n = len(batch)
         x = torch.stack([d.x for d in batch]).to(model.device)
         try:
-            logits = model.predict(x)
+            logits = model.keep_forward(x) if self.reuse_forward else model.predict(x)
         except Exception as exc:
             self.fail_items([d.item for d in batch], "forward", exc)
             self.progress.advance(0, n)
             return
+        try:
+            self.explain_batch(model, batch, x, logits, targets, writers)
+        finally:
+            model.release()
+        self.timings["compute"] += time.perf_counter() - t0
+
+    def explain_batch(
+        self, model: Model, batch: list[Decoded], x: torch.Tensor, logits: torch.Tensor, targets: Targets,
+        writers: Writers,
+    ) -> None:
+        """Resolve targets, run methods and metrics on the inputs that have one, submit the writes."""
+        n = len(batch)
         target, errors = targets.resolve([d.item for d in batch], logits)
         masks = None
         if self.recipe.masks:
@@ -354,7 +367,6 @@ class Run:
                 model, x, method_target, attribution.relevance, method, params, rng, items, out, masks
             )
             results.append(output)
-        self.timings["compute"] += time.perf_counter() - t0
         for output in results:
             output = _drop(output, failed) if failed else output
             if output.items:

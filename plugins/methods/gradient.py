@@ -28,6 +28,7 @@ def xai_methods() -> list[Method]:
             "input gradient of the target logit",
             saliency,
             (Param("abs", bool, False, "take the absolute value of the gradient"),),
+            reuses_forward=True,
         ),
-        Method("gradient_x_input", "input times its gradient", gradient_x_input),
+        Method("gradient_x_input", "input times its gradient", gradient_x_input, reuses_forward=True),
     ]
