@@ -2,20 +2,23 @@
 and against each method's compute bound, in one run.
 
 The bound is the work a method cannot avoid — its forward (or forward+backward) passes — run as
-plain torch calls at the best batch size: IG needs `steps` forward+backward passes per image,
-occlusion one forward per window position, LIME one forward per sample. Same model (torchvision
-resnet18, random init, 224×224), same settings and batch size (`--max-batch`) for every library,
-real photos from scikit-image. The contenders of one method run round-robin, `--repeat` rounds,
-and each keeps its fastest round, so load from other processes hits them alike. On CPU, oneDNN
-convolutions run faster on channels-last input: the lime package's NHWC→NCHW permute gets that
-for free, so `--channels-last` gives every contender (and the bound) a model fed that layout.
-Targets: ours ≥ 1.0× each reference and ≥ 0.8× the bound.
+plain torch calls at the best batch size and the best memory layout (NCHW or channels-last): IG
+needs `steps` forward+backward passes per image, occlusion one forward per window position, LIME
+one forward per sample. Same model (torchvision resnet18, random init, 224×224), same settings and
+batch size (`--max-batch`) for every library, real photos from scikit-image. Each library runs the
+model as its users would hand it over: captum gets the NCHW module; the lime package feeds it the
+NHWC→NCHW permute of its numpy images (a channels-last tensor); xai's Model feeds NHWC on CPUs.
+The contenders of one method run round-robin, `--repeat` rounds, and each keeps its fastest
+round, so load from other processes hits them alike. Targets: ours ≥ 1.0× each reference and
+≥ 0.8× the bound.
 
-    python bench/bench_methods.py [--images 2] [--threads 2] [--steps 32] [--samples 128] [--repeat 2] [--channels-last]
+    python bench/bench_methods.py [--images 2] [--threads 2] [--steps 32] [--samples 128] [--repeat 2]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import time
 from typing import Callable
 
@@ -168,9 +171,10 @@ def lime_contenders(model: Model, x: torch.Tensor, t: torch.Tensor, samples: int
 
     def lime_run() -> None:
         explainer = LimeImageExplainer(random_state=0)
-        for i in range(len(x)):
-            explainer.explain_instance(pictures[i], classify, labels=(int(t[i]),), top_labels=None, hide_color=0,
-                                       num_samples=samples, batch_size=max_batch, segmentation_fn=segments)
+        with contextlib.redirect_stderr(io.StringIO()):  # its tqdm progress bar
+            for i in range(len(x)):
+                explainer.explain_instance(pictures[i], classify, labels=(int(t[i]),), top_labels=None, hide_color=0,
+                                           num_samples=samples, batch_size=max_batch, segmentation_fn=segments)
 
     return [("xai", ours), ("captum Lime", captum_run), ("lime LimeImageExplainer", lime_run),
             ("bound: samples × forward", bound)]
@@ -186,34 +190,33 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2, help="rounds per comparison; the fastest counts")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="every contender and the bound get the model fed channels-last input")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     plain = torchvision.models.resnet18(weights=None).eval()
-    module = ChannelsLast(plain) if args.channels_last else plain
-    model = Model("resnet18", InputSpec(size=(224, 224)), torch.device("cpu"), module=module)
+    model = Model("resnet18", InputSpec(size=(224, 224)), torch.device("cpu"), module=plain)
     x = photos(args.images)
-    with torch.no_grad():
-        t = module(x).argmax(1)
+    t = model.predict(x).argmax(1)
     sizes = tuple(sorted({8, 16, args.max_batch}))
-    fwd_batch, fwd_rate = best_batch(module, sizes, backward=False)
-    bwd_batch, bwd_rate = best_batch(module, sizes, backward=True)
-    other = best_batch(plain if args.channels_last else ChannelsLast(plain), sizes, backward=False)[1]
-    layout = "channels-last" if args.channels_last else "NCHW"
-    print(f"resnet18 224×224, {args.threads} threads, {args.images} images, max_batch {args.max_batch}, {layout} "
-          f"input; plain torch: {fwd_rate:.1f} forward/s (batch {fwd_batch}), {bwd_rate:.1f} forward+backward/s "
-          f"(batch {bwd_batch}); the other layout: {other:.1f} forward/s", flush=True)
+    layouts = {"NCHW": plain, "channels-last": ChannelsLast(plain)}
+    fwd = {name: best_batch(m, sizes, backward=False) for name, m in layouts.items()}
+    bwd = {name: best_batch(m, sizes, backward=True) for name, m in layouts.items()}
+    fwd_layout = max(fwd, key=lambda k: fwd[k][1])
+    bwd_layout = max(bwd, key=lambda k: bwd[k][1])
+    (fwd_batch, fwd_rate), (bwd_batch, bwd_rate) = fwd[fwd_layout], bwd[bwd_layout]
+    print(f"resnet18 224×224, {args.threads} threads, {args.images} images, max_batch {args.max_batch}; plain torch: "
+          + ", ".join(f"{name} {fwd[name][1]:.1f} forward/s (batch {fwd[name][0]}), {bwd[name][1]:.1f} "
+                      f"forward+backward/s (batch {bwd[name][0]})" for name in layouts), flush=True)
+    fwd_module, bwd_module = layouts[fwd_layout], layouts[bwd_layout]
     n = args.images
     windows = ((224 - args.window) // args.stride + 1) ** 2
     compare(f"integrated gradients ({args.steps} steps, Gauss–Legendre, zero baseline)", n, ig_contenders(
-        model, x, t, args.steps, args.max_batch, passes(module, n * args.steps, bwd_batch, True)), args.repeat)
+        model, x, t, args.steps, args.max_batch, passes(bwd_module, n * args.steps, bwd_batch, True)), args.repeat)
     compare(f"occlusion ({args.window}×{args.window} window, stride {args.stride}: {windows} windows per image)", n,
             occlusion_contenders(model, x, t, args.window, args.stride, args.max_batch,
-                                 passes(module, n * windows, fwd_batch, False)), args.repeat)
+                                 passes(fwd_module, n * windows, fwd_batch, False)), args.repeat)
     compare(f"LIME (slic, 50 segments, {args.samples} samples)", n, lime_contenders(
-        model, x, t, args.samples, args.max_batch, passes(module, n * args.samples, fwd_batch, False)), args.repeat)
+        model, x, t, args.samples, args.max_batch, passes(fwd_module, n * args.samples, fwd_batch, False)), args.repeat)
 
 
 if __name__ == "__main__":
