@@ -36,11 +36,12 @@ def test_deletion_masks_are_small_and_remove_the_class(model, digits):
 
 
 def test_same_masks_for_batch_size_one_and_eight(model, digits):
+    """100 steps: without padding chunks to whole row blocks, masks part ways (measured up to 5e-2)."""
     x, t, rng = digits.x[:8], digits.y[:8], BatchRNG(range(50, 58))
-    batch = meaningful_perturbation(model, x, t, rng, steps=25, max_batch=3)
-    single = meaningful_perturbation(model, x[:1], t[:1], rng[0:1], steps=25)
-    # Adam amplifies float32 rounding that differs between batch sizes: measured 0 to 2.6e-6 on masks in [0, 1]
-    assert (batch.relevance[:1] - single.relevance).abs().max().item() <= 1e-5
+    batch = meaningful_perturbation(model, x, t, rng, steps=100, max_batch=3)
+    for i in range(8):
+        single = meaningful_perturbation(model, x[i : i + 1], t[i : i + 1], rng[i : i + 1], steps=100)
+        assert (batch.relevance[i : i + 1] - single.relevance).abs().max().item() <= 1e-6, i
 
 
 def test_extremal_preserve_mask_has_the_requested_area_and_keeps_the_class(model, digits):

@@ -143,12 +143,13 @@ def test_bad_inputs_are_recorded_and_the_rest_finish(digits, tmp_path):
 
 def test_batch_size_does_not_change_arrays_and_runs_repeat(digits, tmp_path):
     runs = {}
+    methods = {"saliency": {}, "occlusion": {}, "mp": {"method": "meaningful_perturbation", "steps": 40}}
     for name, batch in (("b1", 1), ("b8", 8), ("b8again", 8)):
-        result = xaicli.explain(digits.torchscript, digits.images, methods=["saliency", "occlusion"],
+        result = xaicli.explain(digits.torchscript, digits.images, methods=methods,
                                 output=tmp_path / name, batch_size=batch, writers={"npz": {}})
         assert result.exit_code == 0
-        runs[name] = {m: arrays(tmp_path / name, m) for m in ("saliency", "occlusion")}
-    for method in ("saliency", "occlusion"):
+        runs[name] = {m: arrays(tmp_path / name, m) for m in methods}
+    for method in methods:
         one, eight, again = (runs[n][method] for n in ("b1", "b8", "b8again"))
         assert one.keys() == eight.keys()
         # float32 kernels block differently per batch size: equal up to rounding (1e-6 of the relevance scale)

@@ -9,7 +9,10 @@ to the C channels. One Adam optimiser updates the [B,1,h,w] mask tensor; the ima
 model in chunks of at most `max_batch` and their (independent) losses' gradients are accumulated
 before each step, so results do not depend on the batch size. The initial mask (0.5 ± 0.05) and the jitter
 shifts (up to `jitter` pixels, replicate border, applied to x and blur(x) alike) come from the
-per-input random streams.
+per-input random streams. The optimisation is chaotic (a rounding difference flips a ReLU or max-pool
+winner, and the masks part ways), so batch-size invariance needs bit-identical logits per image:
+CPU GEMM kernels compute rows in blocks of 8 and the remainder rows with other kernels, so every
+chunk is padded to a multiple of `ROWS` rows (copies of its last image, their outputs unused).
 
 - meaningful_perturbation: loss = λ₁·mean|r| + λ₂·TV_β(m) + s, with s = p_t(Φ) (delete) or
   −p_t(Φ) (preserve), p_t the softmax probability of the target as in the paper. λ's weight
@@ -38,19 +41,29 @@ from xaicli.rng import BatchRNG
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of [B,C,H,W] per channel (radius ⌈3σ⌉ capped by the image, reflected border).
 
+    Written as two matrix products, K_H · x · K_Wᵀ, with the reflection folded into the matrices:
+    every image goes through the same GEMM whatever the batch size, so results are batch-invariant.
     Shared by the blur baselines of integrated gradients and LIME; per-channel affine maps such as
     input normalisation commute with it, so blurring normalised input blurs the image.
     """
     if sigma <= 0:
         return x.clone()
-    _, C, H, W = x.shape
+    _, _, H, W = x.shape
     radius = max(1, min(math.ceil(3 * sigma), H - 1, W - 1))
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    padded = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    rows = F.conv2d(padded, kernel.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-    return F.conv2d(rows, kernel.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    kernel = (kernel / kernel.sum()).to(x.dtype)
+    return _blur_matrix(H, kernel, radius, x) @ x @ _blur_matrix(W, kernel, radius, x).T
+
+
+def _blur_matrix(n: int, kernel: torch.Tensor, radius: int, like: torch.Tensor) -> torch.Tensor:
+    """[n, n] matrix applying the 1-D kernel along one axis with a reflected border (`F.pad` "reflect")."""
+    rows = torch.arange(n)[:, None] + torch.arange(-radius, radius + 1)[None]
+    rows = rows.abs()  # reflect below 0: -k -> k
+    rows = torch.where(rows > n - 1, 2 * (n - 1) - rows, rows)  # and above n-1
+    matrix = torch.zeros(n, n, dtype=like.dtype)
+    matrix.index_put_((torch.arange(n)[:, None].expand_as(rows), rows), kernel.expand_as(rows), accumulate=True)
+    return matrix.to(like.device)
 
 
 def shift(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -76,6 +89,19 @@ def area_loss(region: torch.Tensor, area: float) -> torch.Tensor:
     ones = round(area * n)
     ref = torch.cat([flat.new_zeros(n - ones), flat.new_ones(ones)])
     return (flat.sort(dim=1).values - ref).pow(2).mean(1)
+
+
+ROWS = 8
+"""Chunks go through the model padded to a multiple of this many rows (see the module docstring)."""
+
+
+def padded_logits(model: Model, x: torch.Tensor) -> torch.Tensor:
+    """model(x) with x padded to a multiple of ROWS rows, so each row's logits do not depend on len(x)."""
+    n = len(x)
+    extra = -n % ROWS
+    if not extra:
+        return model(x)
+    return model(torch.cat([x, x[-1:].expand(extra, *x.shape[1:])]))[:n]
 
 
 def _mask_size(value: int | list[int] | None, H: int, W: int) -> tuple[int, int]:
@@ -116,7 +142,7 @@ def _optimise(
                 up = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
                 offsets = shifts[part, step]
                 blend = up * shift(x[part], offsets) + (1 - up) * shift(blurred[part], offsets)
-                score = _score(model(blend), target[part], use_prob)
+                score = _score(padded_logits(model, blend), target[part], use_prob)
                 region = 1 - m if game == "delete" else m
                 loss = sign * score + tv * total_variation(m, tv_beta) + penalty(region)
                 loss.sum().backward()
