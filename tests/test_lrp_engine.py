@@ -188,3 +188,23 @@ def test_vision_transformer_runs_without_model_specific_code() -> None:
     assert bool(result.relevance.isfinite().all()) and bool((result.relevance.abs().amax((1, 2, 3)) > 0).all())
     rules = {(kind, rule) for _, kind, rule in lrp.rules()}
     assert {("matmul", "norm"), ("norm", "pass"), ("linear", "epsilon"), ("conv", "flat")} <= rules
+
+
+def test_layers_read_only_by_relus_skip_gamma_negative_share_with_the_same_result() -> None:
+    """A node read only by ReLUs gets relevance only where it is > 0 (every later rule multiplies by
+    its input), so gamma skips its negative share there; a residual branch's last conv is read by a
+    sum, can carry relevance where it is negative, and keeps it."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None).eval()
+    x = torch.randn(2, 3, 64, 64)
+    graph = from_module(net, x)
+    engine = LRP(graph, composite("EpsilonGammaBox", Settings(low=-3.0, high=3.0)))
+    flagged = {step.node.name for step in engine.steps if step.positive_only}
+    assert {"conv1", "layer1_0_conv1", "layer4_1_conv1"} <= flagged
+    assert not flagged & {"layer1_0_conv2", "layer2_0_downsample_0", "fc"}
+    plain = LRP(graph, composite("EpsilonGammaBox", Settings(low=-3.0, high=3.0)))
+    for step in plain.steps:
+        step.positive_only = False
+    t = torch.tensor([3, 7])
+    ours, full = engine(x, t).relevance, plain(x, t).relevance
+    assert ((ours - full).abs().max() / full.abs().max()).item() <= 1e-6

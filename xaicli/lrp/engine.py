@@ -16,7 +16,7 @@ from torch import fx
 
 from .canonize import canonize
 from .composites import Composite
-from .nodes import display_names, kind, layer_index, nonnegative, normalise, tensor_args
+from .nodes import display_names, kind, layer_index, nonnegative, normalise, packet, tensor_args
 from .ops import LinearOp, linear_op
 from .rules import Call, LayerRule, Rule
 
@@ -31,6 +31,7 @@ class Step:
     inputs: list[fx.Node]
     op: LinearOp | None
     nonneg: bool
+    positive_only: bool = False  # relevance reaches only outputs > 0 (see `_positive_only`)
 
 
 @dataclass
@@ -105,6 +106,8 @@ class LRP:
             inputs = tensor_args(node)
             op = linear_op(node, node_kind, self._constant) if isinstance(rule, LayerRule) else None
             steps.append(Step(node, node_kind, rule, inputs, op, all(n in positive for n in inputs)))
+        for step in _positive_only(steps):
+            step.positive_only = True
         return steps
 
     def _rules_by_name(self, composite: Composite) -> dict[fx.Node, Rule]:
@@ -148,7 +151,7 @@ class LRP:
                 if isinstance(out, torch.Tensor) and out.is_floating_point():
                     inputs = [env[n] for n in step.inputs]
                     op = step.op.bind(inputs) if step.op is not None else None
-                    calls[step.node] = Call(inputs, out, op, step.nonneg, leaves, graph_out)
+                    calls[step.node] = Call(inputs, out, op, step.nonneg, leaves, graph_out, step.positive_only)
         return env, calls
 
     def _run(self, step: Step, env: dict[fx.Node, Any]) -> tuple[Any, list[torch.Tensor] | None, Any]:
@@ -182,6 +185,41 @@ class LRP:
                 if part is not None:
                     relevance[node] = relevance[node] + part if node in relevance else part
         return relevance.get(self.input), recorded
+
+
+_RELU = {"relu", "relu6"}
+
+
+def _positive_only(steps: list[Step]) -> list[Step]:
+    """Steps whose output relevance is zero wherever their output is <= 0, known from the graph alone.
+
+    A node's relevance vanishes where its value is 0 when every reader sends back relevance in
+    proportion to the value it read: a linear rule whose terms all multiply by the input (not flat,
+    w² or z^B's bounds), or a re-arrangement / max pooling / ReLU whose own relevance vanishes where
+    its value is 0. A node read only by such ReLUs then has relevance only on outputs > 0, so gamma
+    needs neither its negative share nor its output masks there.
+    """
+    by_node = {step.node: step for step in steps}
+    vanishes: set[fx.Node] = set()  # relevance is 0 where the value is 0
+
+    def proportional(user: fx.Node) -> bool:
+        step = by_node.get(user)
+        if step is None:
+            return False
+        if isinstance(step.rule, LayerRule):
+            return all(t.input in ("x", "x+", "x-") for share in step.rule.shares() for t in share.terms)
+        routed = step.kind in ("shape", "maxpool") and step.rule.name == "gradient"
+        relu = step.kind == "activation" and step.rule.name == "pass" and packet(user) in _RELU
+        return (routed or relu) and user in vanishes
+
+    found = []
+    for step in reversed(steps):
+        users = list(step.node.users)
+        if users and all(proportional(u) for u in users):
+            vanishes.add(step.node)
+        if users and all(u in vanishes and by_node[u].kind == "activation" and packet(u) in _RELU for u in users):
+            found.append(step)
+    return found
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ class Call:
     nonneg: bool = False  # inputs known to be >= 0 (e.g. ReLU outputs)
     leaves: list[torch.Tensor] | None = None  # autograd leaves and output, for the gradient rule
     graph_out: torch.Tensor | None = None
+    positive_only: bool = False  # relevance is known to be 0 on outputs <= 0 (e.g. read only by a ReLU)
 
 
 class Rule(ABC):
@@ -276,14 +277,17 @@ def propagate(rule: LayerRule, call: Call, r: torch.Tensor) -> list[torch.Tensor
     grads: dict[tuple[str, Mod, float], torch.Tensor] = {}
     masks = _Masks(call.output)
     for share in rule.shares():
-        outside = masks.outside(share.outputs)
-        if share.outputs == "neg" and not bool((r * masks.outside("pos")).any()):
-            continue  # no relevance on outputs <= 0 (none after a ReLU): skip the share and its vjp
+        if share.outputs != "all" and call.positive_only:
+            if share.outputs == "neg":
+                continue
+            serves = None  # r is 0 wherever z <= 0 already
+        else:
+            serves = masks.serves(share.outputs)
         terms = [(ctx.resolve(t.input), t) for t in share.terms]
         terms = [(name, t) for name, t in terms if name is not None]
-        den = _sum(ctx.z(name, t.mod, t.bias) if t.sign == 1.0 else t.sign * ctx.z(name, t.mod, t.bias)
-                   for name, t in terms)
-        s = _divide(r, den, rule.stabilizer, _sign(ctx, terms, share), outside)
+        zs = [ctx.z(name, t.mod, t.bias) if t.sign == 1.0 else t.sign * ctx.z(name, t.mod, t.bias) for name, t in terms]
+        den = _sum(sorted(zs, key=lambda z: z.numel()))  # one-sample constant terms (z^B's bounds) first
+        s = _divide(r, den, rule.stabilizer, _sign(ctx, terms, share), share.outputs, serves)
         for name, t in terms:
             key = (name, t.mod, share.scale * t.sign)
             grads[key] = grads[key] + s if key in grads else s
@@ -291,17 +295,22 @@ def propagate(rule: LayerRule, call: Call, r: torch.Tensor) -> list[torch.Tensor
 
 
 class _Masks:
-    """Outputs a share does not serve (z <= 0 for "pos", z >= 0 for "neg"), each computed once."""
+    """The outputs a share serves (z > 0 for "pos", z < 0 for "neg") as 0/1 floats, each computed once.
+
+    Float arithmetic, not bool masks: masked_fill / where / bool reductions run 10-30x slower than
+    an elementwise product on CPUs.
+    """
 
     def __init__(self, z: torch.Tensor):
         self.z = z
         self.cache: dict[str, torch.Tensor] = {}
 
-    def outside(self, outputs: str) -> torch.Tensor | None:
+    def serves(self, outputs: str) -> torch.Tensor | None:
         if outputs == "all":
             return None
         if outputs not in self.cache:
-            self.cache[outputs] = self.z <= 0 if outputs == "pos" else self.z >= 0
+            sign = self.z.sign()
+            self.cache[outputs] = sign.clamp_(min=0) if outputs == "pos" else sign.clamp_(max=0).neg_()
         return self.cache[outputs]
 
 
@@ -327,14 +336,21 @@ def _products(ctx: "_Terms", call: Call, grads: dict[tuple[str, Mod, float], tor
     return out
 
 
-def _divide(r: torch.Tensor, den: torch.Tensor, epsilon: float, sign: int, outside: torch.Tensor | None
-            ) -> torch.Tensor:
-    """r / stab(den), 0 where `outside`; with ε = 0 (LRP-0) outputs with z = 0 pass nothing on."""
-    if not epsilon and outside is None:
-        return torch.where(den == 0, 0.0, r / den)
-    stable = stabilize(den, epsilon, sign)  # a new tensor: divide into it
+def _divide(r: torch.Tensor, den: torch.Tensor, epsilon: float, sign: int, outputs: str,
+            serves: torch.Tensor | None) -> torch.Tensor:
+    """r / stab(den) on the outputs a share serves, 0 on the others (`serves`: their 0/1 indicator,
+    None when r is 0 there already); with ε = 0 (LRP-0) outputs with z = 0 pass nothing on."""
+    if outputs == "all":
+        if not epsilon:
+            return torch.where(den == 0, 0.0, r / den)
+        stable = stabilize(den, epsilon, sign)  # a new tensor: divide into it
+        return torch.div(r, stable, out=stable) if stable.shape == r.shape else r / stable
+    # served outputs have denominators of the share's sign (see _sign); clamping leaves them as they
+    # are and keeps the others finite, where r or `serves` is 0
+    tiny = epsilon or torch.finfo(den.dtype).tiny
+    stable = den.clamp(min=0).add_(tiny) if sign > 0 else den.clamp(max=0).sub_(tiny)
     s = torch.div(r, stable, out=stable) if stable.shape == r.shape else r / stable
-    return s.masked_fill_(outside, 0.0) if outside is not None else s
+    return s.mul_(serves) if serves is not None else s
 
 
 def _sign(ctx: "_Terms", terms: list[tuple[str, Term]], share: Share) -> int:
@@ -373,7 +389,7 @@ class _Terms:
         if name not in ("x+", "x-"):
             return name
         if "nonneg" not in self.cache:
-            self.cache["nonneg"] = self.nonneg or not any(bool((x < 0).any()) for x in self.call.inputs)
+            self.cache["nonneg"] = self.nonneg or all(bool(x.amin() >= 0) for x in self.call.inputs)
         if self.cache["nonneg"]:
             return "x" if name == "x+" else None
         return name
