@@ -132,11 +132,11 @@ def test_npz_keys_dtypes_and_values(tmp_path, writers):
     assert arrays["completeness_gap"] == np.float32(-0.25) and np.array_equal(arrays["segments"], np.arange(64, 128).reshape(8, 8))
 
 
-def test_npz_compress_and_no_inputs_by_default(tmp_path, writers):
+def test_npz_stored_by_default_compressed_on_request_and_no_inputs_by_default(tmp_path, writers):
     _, npz = writers
     batch = make_batch(signed_relevance(1))
-    npz.open(WriterContext(tmp_path / "z")).write(batch)
-    npz.open(WriterContext(tmp_path / "raw"), compress=False).write(batch)
+    npz.open(WriterContext(tmp_path / "z"), compress=True).write(batch)
+    npz.open(WriterContext(tmp_path / "raw")).write(batch)
     types = {}
     for name in ("z", "raw"):
         with zipfile.ZipFile(tmp_path / name / "arrays/sal/sub/0.npz") as zf:
@@ -160,7 +160,7 @@ def test_npz_failures_leave_no_file(tmp_path, writers, monkeypatch):
         fh.write(b"PK half a zip")
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "savez_compressed", broken)
+    monkeypatch.setattr(np, "savez", broken)
     with pytest.raises(OSError, match="disk full"):
         npz.open(WriterContext(tmp_path)).write(batch)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

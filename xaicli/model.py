@@ -48,7 +48,7 @@ class Model:
 
     `module` is a torch module (eager or TorchScript) when the model is differentiable;
     forward-only models (ONNX through onnxruntime) provide `forward_fn` instead.
-    `max_batch` is a hard limit on the batch a forward accepts (fixed-batch ONNX graphs).
+    `fixed_batch` is the one batch size a forward accepts (fixed-batch ONNX graphs).
     `channels_last` (default: on CPUs) feeds torch models NHWC images, on which oneDNN's
     convolutions run 1.1-1.4x faster; results differ from NCHW by float rounding only.
     """

@@ -19,7 +19,8 @@ from xaicli.io import atomic_write
 
 PARAMS = (
     Param("inputs", bool, False, "also store the preprocessed model input under `input`"),
-    Param("compress", bool, True, "zip-deflate the arrays (smaller files, slower to write)"),
+    Param("compress", bool, False, "zip-deflate the arrays: float relevance shrinks ~10 % for ~15 ms of CPU per "
+          "224×224×3 array, so it is off by default"),
 )
 KEYS = ("relevance", "target", "logit", "prob", "method", "output", "params", "input")
 RESERVED = KEYS + ("file", "allow_pickle")  # np.savez's own argument names cannot be extras either
@@ -69,7 +70,7 @@ class NpzSink:
         """Nothing to finish: every file is written with its batch."""
 
 
-def open_npz(ctx: WriterContext, inputs: bool = False, compress: bool = True) -> NpzSink:
+def open_npz(ctx: WriterContext, inputs: bool = False, compress: bool = False) -> NpzSink:
     return NpzSink(ctx.out_dir, inputs, compress)
 
 
