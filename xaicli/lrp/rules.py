@@ -441,6 +441,8 @@ class _Terms:
         pos = self._positive(bias)
         if not a:
             return pos if c == 1 else c * pos
+        if a + c == 1:  # e.g. gamma's (1+γ)·w − γ·w⁺ on negative outputs: one pass
+            return torch.lerp(base, pos, c)
         return torch.add(base if a == 1 else a * base, pos, alpha=c)
 
     def _positive(self, bias: bool) -> torch.Tensor:
