@@ -50,18 +50,8 @@ def photos(n: int, size: int = 224) -> torch.Tensor:
     return (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
 
-class ChannelsLast(torch.nn.Module):
-    """The model fed channels-last input (oneDNN convolutions on CPU run faster on that layout)."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.contiguous(memory_format=torch.channels_last))
-
-
-def passes(module: torch.nn.Module, count: int, batch: int, backward: bool) -> Callable[[], None]:
+def passes(module: Callable[[torch.Tensor], torch.Tensor], count: int, batch: int, backward: bool
+           ) -> Callable[[], None]:
     """`count` plain forward (or forward+backward to the input) passes in batches of `batch`."""
     x = torch.randn(batch, 3, 224, 224)
 
@@ -78,7 +68,8 @@ def passes(module: torch.nn.Module, count: int, batch: int, backward: bool) -> C
     return run
 
 
-def best_batch(module: torch.nn.Module, sizes: tuple[int, ...], backward: bool) -> tuple[int, float]:
+def best_batch(module: Callable[[torch.Tensor], torch.Tensor], sizes: tuple[int, ...], backward: bool
+               ) -> tuple[int, float]:
     """(batch size, passes/s) of the fastest plain batch size, two timings each after a warm-up."""
     rates = {}
     for size in sizes:
@@ -198,7 +189,9 @@ def main() -> None:
     x = photos(args.images)
     t = model.predict(x).argmax(1)
     sizes = tuple(sorted({8, 16, args.max_batch}))
-    layouts = {"NCHW": plain, "channels-last": ChannelsLast(plain)}
+    cpu = torch.device("cpu")
+    layouts = {name: Model("resnet18", model.spec, cpu, module=plain, channels_last=last)
+               for name, last in (("NCHW", False), ("channels-last", True))}
     fwd = {name: best_batch(m, sizes, backward=False) for name, m in layouts.items()}
     bwd = {name: best_batch(m, sizes, backward=True) for name, m in layouts.items()}
     fwd_layout = max(fwd, key=lambda k: fwd[k][1])

@@ -47,3 +47,22 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
     train_digits.save_images(images, labels, folder / "images")
     x = train_digits.normalise(images[:32])
     return Digits(module, accuracy, ts_path, onnx_path, folder / "images", x, torch.from_numpy(labels[:32]).long(), images)
+
+
+class Counted(torch.nn.Module):
+    """A module that records the batch size of every forward it runs (`sizes`)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.sizes: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(len(x))
+        return self.module(x)
+
+
+@pytest.fixture
+def counted(digits: Digits) -> Counted:
+    """The digits CNN, counting its forwards: pass it as `module=` (gradients) or `forward_fn=` (forward-only)."""
+    return Counted(digits.module)

@@ -26,27 +26,21 @@ def test_saliency_and_gradient_x_input_equal_captum(model, digits):
     assert torch.equal(gradient_x_input(model, x, t, rng).relevance, InputXGradient(digits.module).attribute(x, target=t))
 
 
-def test_kept_forward_serves_the_batch_gradients_with_one_forward(digits):
-    calls = []
+def test_kept_forward_serves_the_batch_gradients_with_one_forward(digits, counted):
     module = digits.module
-    hook = module.register_forward_hook(lambda *_: calls.append(1))
-    try:
-        model = Model("digits", digits.spec, torch.device("cpu"), module=module)
-        x, t = digits.x[:8], digits.y[:8]
-        rng = BatchRNG(range(8))
-        logits = model.keep_forward(x)
-        kept_saliency = saliency(model, x, t, rng).relevance
-        kept_gxi = gradient_x_input(model, x, t, rng).relevance
-        assert len(calls) == 1  # the kept forward only: both gradients came from its graph
-        model.release()
-        assert torch.equal(logits, module(x))
-        assert torch.equal(kept_saliency, Saliency(module).attribute(x, target=t, abs=False))
-        assert torch.equal(kept_gxi, InputXGradient(module).attribute(x, target=t))
-        calls.clear()
-        saliency(model, x, t, rng)  # released: a fresh forward and backward
-        assert len(calls) == 1
-    finally:
-        hook.remove()
+    model = Model("digits", digits.spec, torch.device("cpu"), module=counted)
+    x, t = digits.x[:8], digits.y[:8]
+    rng = BatchRNG(range(8))
+    logits = model.keep_forward(x)
+    kept_saliency = saliency(model, x, t, rng).relevance
+    kept_gxi = gradient_x_input(model, x, t, rng).relevance
+    assert counted.sizes == [8]  # the kept forward only: both gradients came from its graph
+    model.release()
+    assert torch.equal(logits, module(x))
+    assert torch.equal(kept_saliency, Saliency(module).attribute(x, target=t, abs=False))
+    assert torch.equal(kept_gxi, InputXGradient(module).attribute(x, target=t))
+    saliency(model, x, t, rng)  # released: a fresh forward and backward
+    assert counted.sizes == [8, 8]
 
 
 @pytest.mark.parametrize("window,stride,baseline", [(8, 4, 0.0), (5, 3, -1.0), ([6, 4], [3, 2], 0.5)])
@@ -59,11 +53,10 @@ def test_occlusion_matches_captum(model, digits, window, stride, baseline):
     assert (ours.relevance - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
-def test_occlusion_is_chunked_by_max_batch(model, digits):
+def test_occlusion_is_chunked_by_max_batch(digits, counted):
     """All occluded copies go through the model in chunks of at most max_batch, not one per window."""
-    sizes = []
-    module = digits.module
-    counting = Model("digits", digits.spec, torch.device("cpu"), forward_fn=lambda x: (sizes.append(len(x)), module(x))[1])
+    sizes = counted.sizes
+    counting = Model("digits", digits.spec, torch.device("cpu"), forward_fn=counted)
     occlusion(counting, digits.x[:3], digits.y[:3], BatchRNG(range(3)), window=8, stride=4, max_batch=50)
     windows = 3 * 7 * 7
     assert max(sizes) <= 50

@@ -37,25 +37,14 @@ def test_matches_captum_for_every_integration_rule(model, digits, integration):
     assert torch.allclose(ours.extras["completeness_gap"], delta.float(), atol=1e-4 * scale)
 
 
-class ChannelsLast(torch.nn.Module):
-    """The module fed NHWC input, as xai's Model feeds it on CPUs."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x.contiguous(memory_format=torch.channels_last))
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_matches_captum_on_random_resnet_with_black_and_blur_baselines(channels_last):
-    """Captum gets the module in the layout our Model feeds it: on a random-init resnet the path
-    crosses ReLU kinks where NCHW/NHWC rounding alone moves the blur result by ~4e-3."""
+    """Captum runs our Model, so both feed the module the same layout: on a random-init resnet the
+    path crosses ReLU kinks where NCHW/NHWC rounding alone moves the blur result by ~4e-3."""
     torch.manual_seed(0)
     module = torchvision.models.resnet18(weights=None, num_classes=7).eval()
     model = Model("resnet18", InputSpec(size=(64, 64)), torch.device("cpu"), module=module, channels_last=channels_last)
-    reference = IntegratedGradients(ChannelsLast(module) if channels_last else module)
+    reference = IntegratedGradients(model)  # captum takes any callable
     x, t = torch.randn(2, 3, 64, 64), torch.tensor([1, 5])
     black = ((0 - torch.tensor(model.spec.mean)) / torch.tensor(model.spec.std)).view(1, 3, 1, 1).expand_as(x)
     for name, base in (("zeros", black), ("blur", gaussian_blur(x, 3.0))):
@@ -100,14 +89,8 @@ def test_image_file_baseline_is_preprocessed_with_the_model_spec(model, digits, 
         integrated_gradients(model, x, t, BatchRNG([0, 1]), baseline=str(tmp_path / "missing.png"))
 
 
-def test_interpolated_images_are_chunked_by_max_batch(digits):
-    sizes: list[int] = []
-
-    class Counting(torch.nn.Module):
-        def forward(self, x):
-            sizes.append(len(x))
-            return digits.module(x)
-
-    model = Model("digits", digits.spec, torch.device("cpu"), module=Counting())
+def test_interpolated_images_are_chunked_by_max_batch(digits, counted):
+    sizes = counted.sizes
+    model = Model("digits", digits.spec, torch.device("cpu"), module=counted)
     integrated_gradients(model, digits.x[:3], digits.y[:3], BatchRNG(range(3)), steps=10, max_batch=7)
     assert sizes[:-1] == [7, 7, 7, 7, 2] and sizes[-1] == 6  # 30 path points, then f(x) and f(x̄) together

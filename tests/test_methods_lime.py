@@ -77,10 +77,9 @@ def test_same_result_for_batch_size_one_and_eight(model, digits):
     assert (batch.relevance[:1] - single.relevance).abs().max().item() <= 1e-6
 
 
-def test_grid_segments_paint_coefficients_and_masked_copies_are_chunked(digits):
-    sizes: list[int] = []
-    counting = Model("digits", digits.spec, torch.device("cpu"),
-                     forward_fn=lambda x: (sizes.append(len(x)), digits.module(x))[1])
+def test_grid_segments_paint_coefficients_and_masked_copies_are_chunked(digits, counted):
+    sizes = counted.sizes
+    counting = Model("digits", digits.spec, torch.device("cpu"), forward_fn=counted)
     x, t = digits.x[:3], digits.y[:3]
     out = lime(counting, x, t, BatchRNG(range(3)), segmentation="grid", segments=16, samples=100, max_batch=64,
                baseline="zeros", regression="lasso")

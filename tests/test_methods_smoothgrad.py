@@ -51,15 +51,9 @@ def test_batch_size_invariant_with_a_stochastic_base(model, digits):
     assert not torch.allclose(single, ig, atol=1e-3)  # the noise and the baselines really vary
 
 
-def test_noisy_copies_are_chunked_and_unknown_base_is_reported(digits):
-    sizes: list[int] = []
-
-    class Counting(torch.nn.Module):
-        def forward(self, x):
-            sizes.append(len(x))
-            return digits.module(x)
-
-    model = Model("digits", digits.spec, torch.device("cpu"), module=Counting())
+def test_noisy_copies_are_chunked_and_unknown_base_is_reported(digits, counted):
+    sizes = counted.sizes
+    model = Model("digits", digits.spec, torch.device("cpu"), module=counted)
     smoothgrad(model, digits.x[:3], digits.y[:3], BatchRNG(range(3)), samples=10, max_batch=8)
     assert sizes == [8, 8, 8, 6]
     with pytest.raises(UsageError, match="unknown method 'salency'.*saliency"):

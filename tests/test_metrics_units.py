@@ -155,10 +155,9 @@ def test_scores_do_not_depend_on_chunking_or_batch_composition(model, digits):
         assert torch.allclose(half, large[4:], atol=1e-5), name
 
 
-def test_perturbed_copies_go_through_the_model_in_bounded_chunks(digits):
-    sizes: list[int] = []
-    module = digits.module
-    counting = Model("digits", digits.spec, torch.device("cpu"), forward_fn=lambda t: (sizes.append(len(t)), module(t))[1])
+def test_perturbed_copies_go_through_the_model_in_bounded_chunks(digits, counted):
+    sizes = counted.sizes
+    counting = Model("digits", digits.spec, torch.device("cpu"), forward_fn=counted)
     x, y = digits.x[:5], digits.y[:5]
     relevance = torch.randn(5, 1, 32, 32)
     run("pixel_flipping", counting, x, y, relevance, steps=10, max_batch=16)

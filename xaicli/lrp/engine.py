@@ -202,22 +202,26 @@ def _positive_only(steps: list[Step]) -> list[Step]:
     by_node = {step.node: step for step in steps}
     vanishes: set[fx.Node] = set()  # relevance is 0 where the value is 0
 
+    def relu(user: fx.Node) -> bool:  # a ReLU passing relevance on, itself with relevance only where > 0
+        step = by_node.get(user)
+        return (step is not None and step.kind == "activation" and step.rule.name == "pass"
+                and packet(user) in _RELU and user in vanishes)
+
     def proportional(user: fx.Node) -> bool:
         step = by_node.get(user)
         if step is None:
             return False
         if isinstance(step.rule, LayerRule):
             return all(t.input in ("x", "x+", "x-") for share in step.rule.shares() for t in share.terms)
-        routed = step.kind in ("shape", "maxpool") and step.rule.name == "gradient"
-        relu = step.kind == "activation" and step.rule.name == "pass" and packet(user) in _RELU
-        return (routed or relu) and user in vanishes
+        routed = step.kind in ("shape", "maxpool") and step.rule.name == "gradient" and user in vanishes
+        return routed or relu(user)
 
     found = []
     for step in reversed(steps):
         users = list(step.node.users)
         if users and all(proportional(u) for u in users):
             vanishes.add(step.node)
-        if users and all(u in vanishes and by_node[u].kind == "activation" and packet(u) in _RELU for u in users):
+        if users and all(relu(u) for u in users):
             found.append(step)
     return found
 
