@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.xai-installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all stress bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 test-all: $(STAMP)  # also the slow extra-exporter parity cases
 	$(VENV)/bin/pytest -m ""
+
+stress: $(STAMP)  # fuzzed images and recipes, kill-and-rerun trials; not part of `make test`
+	$(PY) -m stress.run $(STRESS_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/bench_explain.py

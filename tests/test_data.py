@@ -196,7 +196,7 @@ def test_unreadable_and_oversized_files(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(InputError, match=r"image too large \(Image size \(1280 pixels\) exceeds limit"):
         load_image(path, 3)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1279)  # Pillow only warns here; we refuse
-    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(InputError, match="40x32 pixels exceeds the limit of 1279"):
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(InputError, match=r"40x32 = 1280 pixels; the limit is 1279 pixels, Pillow's"):
         load_image(path, 3)
 
 
@@ -281,7 +281,7 @@ def test_stream_keeps_order_and_reports_failures(tmp_path: Path) -> None:
 def test_stream_is_lazy_bounded_and_stops_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
     lock, alive, peak, started = threading.Lock(), [0], [0], []
 
-    def slow_decode(item: InputItem, spec: InputSpec) -> Failed:
+    def slow_decode(item: InputItem, spec: InputSpec, limits: data.DecodeLimits) -> Failed:
         with lock:
             alive[0] += 1
             peak[0] = max(peak[0], alive[0])

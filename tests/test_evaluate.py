@@ -16,7 +16,7 @@ from PIL import Image
 from xaicli import hookimpl
 from xaicli.recipe import from_mapping
 from xaicli.registry import create_registry
-from xaicli.run import run_recipe
+from xaicli.api import run_recipe
 
 XAI = [sys.executable, "-m", "xaicli.cli"]
 

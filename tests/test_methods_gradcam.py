@@ -42,7 +42,7 @@ def resnet():
 
 def test_module_path_and_default_match_captum_on_resnet(resnet):
     module, model = resnet
-    x, t = torch.randn(3, 3, 64, 64), torch.tensor([0, 3, 9])
+    x, t = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 3, 9])
     for layer, ref_layer in ((None, module.layer4), ("layer3", module.layer3)):
         ours = gradcam(model, x, t, BatchRNG(range(3)), layer=layer)
         cam = LayerGradCam(module, ref_layer).attribute(x, target=t, relu_attributions=True)

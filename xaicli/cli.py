@@ -1,17 +1,19 @@
 """The `xai` command: parses flags into a recipe, calls the Python API, prints, sets the exit code.
 
 Exit codes: 0 everything succeeded, 1 some inputs failed or a threshold was violated,
-2 usage error (bad flags, bad recipe, model that does not load), 130 interrupted.
+2 usage error (bad flags, bad recipe, output folder, model that does not load), 3 output storage
+failed mid-run (disk full: finished outputs are whole, rerun to resume), 130 interrupted.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
 
-from .errors import UsageError, XaiError
+from .errors import StorageError, UsageError, XaiError
 
 app = typer.Typer(
     add_completion=False,
@@ -52,18 +54,36 @@ def _target(text: Optional[str]) -> Optional[Any]:
 
 
 def _guard(run: Callable[[], int]) -> None:
-    """Turn xai errors into messages and exit codes; tracebacks only with --debug."""
+    """Turn every error into a message and an exit code; tracebacks only with --debug."""
     try:
         code = run()
-    except XaiError as exc:
-        if _debug:
-            raise
-        typer.echo(f"error: {exc}", err=True)
-        code = 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         code = 130
+    except Exception as exc:  # noqa: BLE001 - no traceback reaches a user without --debug
+        if _debug:
+            raise
+        typer.echo(f"error: {_message(exc)}", err=True)
+        code = _exit_code(exc)
     raise typer.Exit(code)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, XaiError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory (lower --batch-size or the methods' max_batch)"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"internal error: {type(exc).__name__}{': ' + text if text else ''} (rerun with --debug for the traceback)"
+
+
+def _exit_code(exc: BaseException) -> int:
+    """2 usage (and a file the user named that cannot be used), 3 output storage failed, 1 anything else."""
+    if isinstance(exc, StorageError):
+        return 3
+    return 2 if isinstance(exc, UsageError) or (isinstance(exc, OSError) and exc.filename is not None) else 1
 
 
 def _report(result: Any, quiet: bool) -> int:
@@ -78,16 +98,26 @@ def _report(result: Any, quiet: bool) -> int:
         typer.echo(f"... {len(result.errors) - 20} more in {result.out_dir / 'errors.jsonl'}", err=True)
     for reason in result.violations:
         typer.echo(f"threshold violated: {reason}", err=True)
-    if result.interrupted:
+    if result.storage_error:
+        typer.echo(f"stopped: output storage failed: {result.storage_error}; free space and rerun to resume", err=True)
+    elif result.interrupted:
         typer.echo("interrupted: rerun the same command to resume", err=True)
     return result.exit_code
 
 
+def _batch(text: Optional[str]) -> Optional[Any]:
+    if text is None or text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--batch-size takes a positive number or auto; got {text!r}")
+    return int(text)
+
+
 def _cli_recipe(
-    model: str, inputs: list[str], methods: list[str], output: Optional[Path], batch_size: Optional[int],
+    model: str, inputs: list[str], methods: list[str], output: Optional[Path], batch_size: Optional[str],
     device: Optional[str], target: Optional[str], sets: list[str], overwrite: bool, input_size: Optional[str],
     mean: Optional[str], std: Optional[str], labels: Optional[Path], seed: Optional[int], workers: Optional[int],
-    extra: Optional[dict[str, Any]] = None,
+    engine: Optional[str] = None, extra: Optional[dict[str, Any]] = None,
 ):
     from .recipe import from_mapping
 
@@ -98,7 +128,8 @@ def _cli_recipe(
                                     "std": _floats(std, "--std")}.items() if v is not None}
     if preprocess:
         data["preprocess"] = preprocess
-    optional = {"output": str(output) if output else None, "batch_size": batch_size, "device": device,
+    optional = {"output": str(output) if output is not None else None, "batch_size": _batch(batch_size), "device": device,
+                "engine": engine,
                 "target": _target(target), "labels": str(labels) if labels else None, "seed": seed, "workers": workers}
     data.update({k: v for k, v in optional.items() if v is not None})
     if overwrite:
@@ -113,8 +144,9 @@ def _cli_recipe(
 MODEL = typer.Argument(..., help="TorchScript file (.pt/.ts), ONNX file (.onnx) or timm:NAME")
 INPUTS = typer.Argument(..., help="image files, folders (recursive) or globs")
 OUTPUT = typer.Option(None, "-o", "--output", help="output folder (default xai-out)")
-BATCH = typer.Option(None, "--batch-size", "-b", min=1, help="inputs per batch (default 16)")
-DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (default auto: CUDA when present)")
+BATCH = typer.Option(None, "--batch-size", "-b", help="inputs per batch, or auto (default: 16 per device, chunks sized to memory)")
+DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda:N | a list: cuda:0,cuda:2 or cpu,cpu (default auto: every CUDA device)")
+ENGINE = typer.Option(None, "--engine", help="local (default: every device here) or ray (--set engine.address=auto|ray://HOST:PORT)")
 TARGET = typer.Option(None, "--target", help="class index, or a CSV file path,target (default: predicted class)")
 SET = typer.Option([], "--set", help="override a recipe value: KEY.SUB=VALUE (repeatable)")
 OVERWRITE = typer.Option(False, "--overwrite", help="redo inputs whose outputs already exist")
@@ -132,11 +164,12 @@ DEBUG = typer.Option(False, "--debug", help="show Python tracebacks")
 def _execute(recipe: Any, quiet: bool, save_recipe: Optional[Path]) -> int:
     from . import progress
     from .recipe import dump_recipe
-    from .run import run_recipe
+    from .api import run_recipe
 
     if save_recipe:
-        save_recipe.parent.mkdir(parents=True, exist_ok=True)
-        save_recipe.write_text(dump_recipe(recipe, folder=save_recipe.parent))
+        from .io import atomic_write_bytes
+
+        atomic_write_bytes(save_recipe, dump_recipe(recipe, folder=save_recipe.parent).encode())
     return _report(run_recipe(recipe, progress=progress.choose(quiet)), quiet)
 
 
@@ -144,7 +177,7 @@ def _execute(recipe: Any, quiet: bool, save_recipe: Optional[Path]) -> int:
 def explain(
     model: str = MODEL, inputs: List[str] = INPUTS,
     method: List[str] = typer.Option([], "-m", "--method", help="method to run (repeatable); see `xai plugins`"),
-    output: Optional[Path] = OUTPUT, batch_size: Optional[int] = BATCH, device: Optional[str] = DEVICE,
+    output: Optional[Path] = OUTPUT, batch_size: Optional[str] = BATCH, device: Optional[str] = DEVICE, engine: Optional[str] = ENGINE,
     target: Optional[str] = TARGET, set_: List[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
     save_recipe: Optional[Path] = SAVE, input_size: Optional[str] = SIZE, mean: Optional[str] = MEAN,
     std: Optional[str] = STD, labels: Optional[Path] = LABELS, seed: Optional[int] = SEED,
@@ -155,7 +188,7 @@ def explain(
     _debug = debug
     _guard(lambda: _execute(
         _cli_recipe(model, inputs, method, output, batch_size, device, target, set_, overwrite,
-                    input_size, mean, std, labels, seed, workers),
+                    input_size, mean, std, labels, seed, workers, engine),
         quiet, save_recipe))
 
 
@@ -168,7 +201,7 @@ def evaluate(
     from_run: Optional[Path] = typer.Option(None, "--from", help="reuse the arrays of an earlier `xai explain` run"),
     fail_under: List[str] = typer.Option([], "--fail-under", help="METRIC=VALUE: fail when a mean score is below (repeatable)"),
     fail_over: List[str] = typer.Option([], "--fail-over", help="METRIC=VALUE: fail when a mean score is above (repeatable)"),
-    output: Optional[Path] = OUTPUT, batch_size: Optional[int] = BATCH, device: Optional[str] = DEVICE,
+    output: Optional[Path] = OUTPUT, batch_size: Optional[str] = BATCH, device: Optional[str] = DEVICE, engine: Optional[str] = ENGINE,
     target: Optional[str] = TARGET, set_: List[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
     save_recipe: Optional[Path] = SAVE, input_size: Optional[str] = SIZE, mean: Optional[str] = MEAN,
     std: Optional[str] = STD, labels: Optional[Path] = LABELS, seed: Optional[int] = SEED,
@@ -195,7 +228,7 @@ def evaluate(
         if from_run:
             extra["from_run"] = str(from_run)
         recipe = _cli_recipe(model, inputs, method, output, batch_size, device, target, set_, overwrite,
-                             input_size, mean, std, labels, seed, workers, extra)
+                             input_size, mean, std, labels, seed, workers, engine, extra)
         if not recipe.metrics:
             raise UsageError("no metrics to compute: add one with --metric METRIC (list them with `xai plugins`)")
         return _execute(recipe, quiet, save_recipe)
@@ -290,8 +323,18 @@ def plugins_show(name: str = typer.Argument(..., help="plugin name")) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. SIGTERM stops like Ctrl-C (exit 130) from the first moment; once
+    the command has decided its exit code, further signals are ignored (no traceback while exiting)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        app()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class Method:
     `rng` holds the per-input random streams; deterministic methods ignore it.
     `reuses_forward`: explain takes `input_gradient(model, x, target)` of the batch itself, so the
     run keeps the graph of its target forward for it (one forward per batch instead of two).
+    `check(model, params)`: validates resolved parameters against the loaded model (layer names)
+    before any input runs; raises UsageError naming the parameter.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Method:
     params: tuple[Param, ...] = ()
     needs: Needs = "gradient"
     reuses_forward: bool = False
+    check: Callable[["Model", dict[str, Any]], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -162,4 +165,18 @@ class Writer:
     name: str
     description: str
     open: Callable[..., Sink]
+    params: tuple[Param, ...] = ()
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where the compute step runs: `run(job) -> Iterator[BatchResult]` (see xaicli.engines).
+
+    An engine takes the plan and the inputs still to do, runs the compute step on its devices
+    or cluster, and yields each batch's results to the orchestration, which writes them.
+    """
+
+    name: str
+    description: str
+    run: Callable[..., Any]
     params: tuple[Param, ...] = ()

@@ -2,6 +2,8 @@
 
 `UsageError` (bad flags, bad recipe, a model that does not load) ends a run with exit code 2.
 `InputError` belongs to one input: it is recorded in errors.jsonl and the run goes on.
+`StorageError` (disk full, quota, read-only or failing storage under the output folder) stops the
+run like an interrupt: finished outputs stay whole, a rerun resumes; exit code 3.
 """
 from __future__ import annotations
 
@@ -20,3 +22,12 @@ class InputError(XaiError):
     def __init__(self, message: str, stage: str = "read"):
         super().__init__(message)
         self.stage = stage
+
+
+class StorageError(XaiError):
+    """Output storage failed mid-run (ENOSPC, EDQUOT, EROFS, EIO): the run stops, exit code 3."""
+
+    def __init__(self, message: str, path: str, errno: int):
+        super().__init__(message)
+        self.path = path
+        self.errno = errno

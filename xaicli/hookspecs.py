@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pluggy
 
-from .descriptors import Loader, Method, Metric, Writer
+from .descriptors import Engine, Loader, Method, Metric, Writer
 
 PROJECT = "xaicli"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -36,3 +36,8 @@ def xai_metrics() -> list[Metric]:
 @hookspec
 def xai_writers() -> list[Writer]:
     """Return report writers: `open(ctx, **params) -> Sink` with `write(batch)` and `close(run)`."""
+
+
+@hookspec
+def xai_engines() -> list[Engine]:
+    """Return engines: where the compute step runs (`run(job) -> Iterator[BatchResult]`, see xaicli.engines)."""

@@ -1,10 +1,18 @@
 """The model a run shares: logits on a device, the input spec it expects, optional labels."""
 from __future__ import annotations
 
+import copy
+import hashlib
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
+
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import fx
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,12 +50,48 @@ class InputSpec:
         return spec
 
 
+DEFAULT_SPEC = InputSpec(crop_pct=0.875)  # a model that states no spec: ImageNet's 224 crop of a 256 resize
+
+
+def spec_from_config(config: Mapping[str, Any]) -> InputSpec:
+    """The input spec a timm data config states (a timm model's `pretrained_cfg`, or what
+    `timm.data.resolve_data_config` returns); missing keys take timm's defaults."""
+    channels, height, width = config.get("input_size") or (3, 224, 224)
+    return InputSpec().override(size=(height, width), channels=channels,
+                                mean=config.get("mean") or IMAGENET_MEAN, std=config.get("std") or IMAGENET_STD,
+                                interpolation=config.get("interpolation") or "bicubic",
+                                crop_pct=config.get("crop_pct") or DEFAULT_SPEC.crop_pct)
+
+
+@dataclass(frozen=True)
+class GraphSource:
+    """What graph-aware methods build the model's torch graph from (see xaicli.graph): an eager
+    or TorchScript `module`, or an ONNX file at `path`."""
+
+    kind: Literal["module", "torchscript", "onnx"]
+    module: torch.nn.Module | None = None
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        wanted = ("path",) if self.kind == "onnx" else ("module",)
+        given = tuple(name for name in ("module", "path") if getattr(self, name) is not None)
+        if given != wanted:
+            raise ValueError(f"a graph source of kind {self.kind!r} takes {wanted[0]} only, got {given}")
+
+    @classmethod
+    def of_module(cls, module: torch.nn.Module) -> "GraphSource":
+        kind = "torchscript" if isinstance(module, torch.jit.ScriptModule) else "module"
+        return cls(kind, module=module)
+
+
 @dataclass
 class Model:
     """One loaded model on one device, shared by every method and metric of a run.
 
     `module` is a torch module (eager or TorchScript) when the model is differentiable;
     forward-only models (ONNX through onnxruntime) provide `forward_fn` instead.
+    `graph_source` is what `graph()` is built from: a torch `module` always is its own (set
+    here, also when `dataclasses.replace` swaps the module); forward-only loaders name a file.
     `fixed_batch` is the one batch size a forward accepts (fixed-batch ONNX graphs).
     `channels_last` (default: on CPUs) feeds torch models NHWC images, on which oneDNN's
     convolutions run 1.1-1.4x faster; results differ from NCHW by float rounding only.
@@ -61,24 +105,36 @@ class Model:
     labels: list[str] | None = None
     digest: str = ""
     source: str = ""  # file path or timm name, for messages and run.json
+    graph_source: GraphSource | None = None
     fixed_batch: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     channels_last: bool | None = None
     _kept: "KeptForward | None" = field(default=None, init=False, repr=False)
+    _graph: "tuple[GraphSource, fx.GraphModule] | None" = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.module is not None:
+            self.graph_source = GraphSource.of_module(self.module)
 
     @property
     def differentiable(self) -> bool:
         """True when gradients w.r.t. the input can flow through `__call__`: a torch module, or
         an ONNX file whose converted graph (`graph()`) carries them."""
-        from .graph import graph_source
+        return self.graph_source is not None
 
-        return graph_source(self) is not None
+    def graph(self) -> "fx.GraphModule":
+        """The model as one ATen-level torch graph (see xaicli.graph), built on first use, checked
+        against the model's own forward, and cached for as long as `graph_source` stays the same."""
+        source = self.graph_source
+        if source is None:
+            raise UsageError(f"model {self.source or self.name} has neither a torch module nor an ONNX file to build a graph from")
+        if self._graph is None or self._graph[0] != source:
+            from .graph import to_graph
 
-    def graph(self) -> torch.fx.GraphModule:
-        """The model as one ATen-level torch graph (see xaicli.graph), built on first use and cached."""
-        from .graph import to_graph
-
-        return to_graph(self)
+            # a fixed pseudo-random input of the model's size (batch 2: export needs a batch > 1)
+            example = torch.randn(2, self.spec.channels, *self.spec.size, generator=torch.Generator().manual_seed(0))
+            self._graph = source, to_graph(source, example.to(self.device), self.predict, self.source or self.name)
+        return self._graph[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] for model input x [B, C, H, W] on `device`. Without a torch
@@ -96,11 +152,9 @@ class Model:
         return torch.cat(chunks)
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
-        """Logits without gradients, evaluated in chunks of at most `max_batch` inputs."""
-        if not max_batch or len(x) <= max_batch:
-            return self(x)
-        return torch.cat([self(part) for part in x.split(max_batch)])
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits without gradients (chunked: `xaicli.chunking.predict_rows`)."""
+        return self(x)
 
     def keep_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the batch x, computed with its graph kept so that the first
@@ -121,14 +175,42 @@ class Model:
         return str(index)
 
 
-def predict_stream(model: Model, make: Callable[[int, int], torch.Tensor], total: int, max_batch: int) -> torch.Tensor:
-    """Logits of `total` perturbed inputs built lazily: `make(start, stop)` returns inputs
-    [start:stop]; at most `max_batch` exist at once. Returns [total, classes]."""
-    outs: list[torch.Tensor] = []
-    for start in range(0, total, max_batch):
-        stop = min(total, start + max_batch)
-        outs.append(model.predict(make(start, stop)))
-    return torch.cat(outs)
+def model_from_module(module: torch.nn.Module, device: torch.device, spec: InputSpec | None = None,
+                      labels: list[str] | None = None) -> Model:
+    """A Model that explains the user's own module (the Python API's `model=` argument) without
+    ever changing it: xai explains a deep copy, moved to `device` and put in eval mode, so the
+    module's parameters, buffers (BatchNorm statistics), hooks, requires_grad flags and training
+    mode stay as they were, even when it is passed in training mode. The copy costs the module's
+    memory once more; hooks registered on the module run on the copy as they would on it.
+
+    Input spec: `spec`, else a timm model's `pretrained_cfg` (or `default_cfg`), else DEFAULT_SPEC.
+    The digest hashes the state dict (names, dtypes, shapes, bytes), so a rerun resumes."""
+    what = f"model {type(module).__qualname__}"
+    try:
+        copied = copy.deepcopy(module)
+    except Exception as exc:  # deepcopy raises whatever an uncopyable attribute (lock, file, ...) raises
+        raise UsageError(f"{what}: xai explains a copy so as never to change your module, "
+                         f"but it cannot be copied: {exc}") from exc
+    if spec is None:
+        config = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+        try:
+            spec = spec_from_config(config) if isinstance(config, Mapping) else DEFAULT_SPEC
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{what}: its pretrained_cfg states no usable input spec ({exc}); "
+                             "give preprocess size, mean and std") from exc
+    copied = copied.to(device).eval()
+    return Model(name=type(module).__name__, spec=spec, device=device, module=copied, labels=labels,
+                 digest=state_digest(copied), source=f"python:{type(module).__qualname__}")
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """'sha256:<hex>' over the module's state dict: every tensor's name, dtype, shape and bytes."""
+    sha = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        sha.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        sha.update(data.view(torch.uint8).numpy().data)
+    return f"sha256:{sha.hexdigest()}"
 
 
 @dataclass
@@ -170,8 +252,6 @@ def input_gradient(model: Model, x: torch.Tensor, target: torch.Tensor) -> tuple
 
 def check_needs(model: Model, needs: str, what: str) -> None:
     """Fail up front when a method or metric needs more than the model can give."""
-    from .errors import UsageError
-
     if needs in ("gradient", "graph") and not model.differentiable:
         raise UsageError(
             f"{what} needs input gradients, but model {model.source or model.name} is forward-only "

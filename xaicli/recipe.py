@@ -16,6 +16,7 @@ Paths (inputs, output, labels, a target CSV, masks, from_run, a model file, mode
 """
 from __future__ import annotations
 
+import codecs
 import copy
 import os
 import re
@@ -27,8 +28,8 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from .errors import UsageError
-from .params import Param, ParamErrors, resolve
-from .suggest import did_you_mean
+from .params import Param, ParamErrors, resolve, short_repr
+from .suggest import MAX_SUGGESTED, did_you_mean
 
 if TYPE_CHECKING:
     from .registry import Registry
@@ -43,9 +44,9 @@ FIELDS: tuple[Param, ...] = (
     Param("inputs", (str, list), None, "files, folders or globs to explain"),
     Param("output", str, "xai-out", "output folder"),
     Param("seed", int, 0, "seed of the per-input random streams"),
-    Param("batch_size", int, 16, "inputs per batch", low=1),
-    Param("device", str, "auto", "auto, cpu, cuda or cuda:N"),
-    Param("workers", int, 4, "decode threads", low=1),
+    Param("batch_size", (int, str), "auto", "inputs per batch, or auto (16 per device, methods size their chunks)", low=1, high=65_536),
+    Param("device", str, "auto", "auto (every CUDA device, else the CPU), cpu, cuda:N, or a list: cuda:0,cuda:2 / cpu,cpu"),
+    Param("workers", int, 4, "decode threads", low=1, high=256),
     Param("target", (int, str), None, "null: predicted class; int: that class; str: CSV file of path,target", low=0),
     Param("overwrite", bool, False, "redo inputs whose outputs exist"),
     Param("methods", dict, {}, "output name -> method parameters (`method:` defaults to the name)"),
@@ -54,26 +55,43 @@ FIELDS: tuple[Param, ...] = (
     Param("thresholds", dict, {}, "metric output name -> {min: x} and/or {max: y}"),
     Param("masks", str, None, "folder of ground-truth masks (localisation metrics)"),
     Param("from_run", str, None, "an earlier `xai explain` output folder whose arrays `xai evaluate` scores"),
+    Param("limits", dict, {}, "decode budgets per input: max_pixels, max_aspect, preview_pixels, inflight_bytes"),
+    Param("engine", (str, dict), "local", "where batches run: local (every device here) or ray; `{name: ray, address: auto}`"),
 )
 """The recipe schema, in the order `dump_recipe` writes it. A null value means the default."""
 
 REQUIRED = ("model", "inputs")
 
 PREPROCESS: tuple[Param, ...] = (
-    Param("size", (int, list), None, "model input size: an int or [height, width]", low=1),
+    Param("size", (int, list), None, "model input size: an int or [height, width]", low=1, high=4096, length=2),
     Param("mean", (float, list), None, "per-channel mean: one value or one per channel"),
     Param("std", (float, list), None, "per-channel standard deviation: one value or one per channel"),
     Param("interpolation", str, None, "resize filter", choices=INTERPOLATIONS),
     Param("crop_pct", float, None, "center-crop fraction: the short side is resized to size / crop_pct", low=0.01, high=1.0),
-    Param("channels", int, None, "input channels (1 grey, 3 RGB)", low=1),
+    Param("channels", int, None, "input channels (1 grey, 3 RGB)", choices=(1, 3)),
 )
 
 _TABLES = (("methods", "method", "method"), ("metrics", "metric", "metric"), ("writers", "writer", None))
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+-]*")
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9_+.-]+:")
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+MODULE_SCHEME = "python:"  # the model of a Python API call handed an nn.Module (no loader: xaicli.api)
+_DEVICE = re.compile(r"auto|(cpu|cuda(:\d+)?)(,(cpu|cuda(:\d+)?))*")
 _MERGE = "tag:yaml.org,2002:merge"
 _CONTAINER_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+_CONSTRUCT_ERRORS = (yaml.YAMLError, ValueError, OverflowError, AttributeError, KeyError, TypeError)
+"""What SafeConstructor raises for a tagged scalar it cannot read: 2001-02-30, a 5,000-digit int,
+`!!timestamp x` (AttributeError), `!!bool x` (KeyError), `!!binary é` (UnicodeEncodeError)."""
+_YAML = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml composes 20,000 keys in 0.3 s, Python in 2 s
+
+# Hard bounds: no recipe or --set value may cost more than ~a second or a few MB to read and check.
+MAX_BYTES = 1 << 20  # a recipe file or one --set value
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_NODES = 100_000  # values written in a recipe
+MAX_ALIAS_VALUES = 10_000  # values that YAML aliases may add by repeating anchored ones
+MAX_ENTRIES = 256  # outputs of one table (methods, metrics, writers, thresholds)
+MAX_SHOWN = 20  # problems an error message lists
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
 
 
 @dataclass
@@ -92,11 +110,22 @@ class Problem:
 
 
 class RecipeError(UsageError):
-    """Every problem of a recipe at once; str() has one line per problem."""
+    """Every problem of a recipe at once; str() has one line per problem (the first MAX_SHOWN)."""
 
     def __init__(self, problems: Sequence[Problem]):
         self.problems = list(problems)
-        super().__init__("\n".join(map(str, self.problems)))
+        lines = [str(p) for p in self.problems[:MAX_SHOWN]]
+        if len(self.problems) > MAX_SHOWN:
+            lines.append(f"... and {len(self.problems) - MAX_SHOWN} more problems")
+        super().__init__("\n".join(lines))
+
+
+class _Unreadable(Exception):
+    """The text cannot be read: encoding, YAML syntax, or a hard bound (size, depth, nodes, aliases)."""
+
+    def __init__(self, key: str, line: int | None, message: str):
+        super().__init__(message)
+        self.problem = Problem(key, line, message)
 
 
 @dataclass(kw_only=True)
@@ -121,9 +150,20 @@ class Recipe:
     thresholds: dict[str, dict[str, float]]
     masks: str | None
     from_run: str | None
+    limits: dict[str, Any]
+    engine: dict[str, Any]
     source: Path | None = field(default=None, compare=False)
     lines: dict[str, int] = field(default_factory=dict, compare=False)  # key path -> 1-based line in source
     overrides: tuple[str, ...] = field(default=(), compare=False)  # key paths set by --set
+    resolved: dict[str, Any] | None = field(default=None, compare=False)  # plugins checked against a registry
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.get("name", "local")
+
+    @property
+    def engine_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.engine.items() if k != "name"}
 
 
 @dataclass
@@ -134,9 +174,10 @@ class _Report:
     lines: dict[str, int]
     overrides: tuple[str, ...] = ()
     problems: list[Problem] = field(default_factory=list)
+    seen: set[tuple] = field(default_factory=set)  # problems as tuples: `add` stays O(1) for 20,000 of them
 
     def overridden(self, key: str) -> bool:
-        return any(key == s or key.startswith(s + ".") for s in self.overrides)
+        return bool(self.overrides) and any(key == s or key.startswith(s + ".") for s in self.overrides)
 
     def add(self, key: str, message: str, line: int | None = None) -> None:
         if line is not None:
@@ -145,7 +186,8 @@ class _Report:
             problem = Problem(key, None, message, "--set")
         else:
             problem = Problem(key, self._line(key), message, self.source)
-        if problem not in self.problems:  # a node reached twice through a YAML alias
+        if (identity := (problem.key, problem.line, problem.message, problem.source)) not in self.seen:
+            self.seen.add(identity)  # a node reached twice through a YAML alias is reported once
             self.problems.append(problem)
 
     def _line(self, key: str) -> int | None:
@@ -165,18 +207,27 @@ class _Reader:
 
     PyYAML's own loader keeps the last of duplicate keys silently and forgets lines; reading the
     composed nodes reports duplicates (with both lines) and lets errors name their line.
+    Aliases share node objects, so a node is read once per alias: `nodes` (the count composed)
+    plus MAX_ALIAS_VALUES bounds the reads, and MAX_DEPTH the nesting that alias chains build.
     """
 
-    def __init__(self, report: _Report):
+    def __init__(self, report: _Report, nodes: int):
         self.report = report
         self.constructor = SafeConstructor()
-        self.active: set[int] = set()
+        self.active: set[int] = set()  # the nodes being read: the path from the root
+        self.left = nodes + MAX_ALIAS_VALUES
 
     def value(self, node: yaml.Node, path: str) -> Any:
         line = node.start_mark.line + 1
         if id(node) in self.active:
             self.report.add(path, "recursive YAML alias", line)
             return None
+        self.left -= 1
+        if self.left < 0:  # the line of the top-level key: nodes deeper down are shared with their anchor
+            raise _Unreadable(path, self.report.lines.get(path.split(".")[0], line), f"YAML aliases repeat more "
+                            f"than {MAX_ALIAS_VALUES:,} values (an alias bomb?); write the values out")
+        if len(self.active) >= MAX_DEPTH:
+            raise _Unreadable(path, line, f"nested deeper than {MAX_DEPTH} levels (through YAML aliases)")
         if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _CONTAINER_TAGS:
             self.report.add(path, f"unsupported YAML tag {node.tag}", line)
         self.active.add(id(node))
@@ -186,7 +237,7 @@ class _Reader:
             if isinstance(node, yaml.SequenceNode):
                 return [self.value(item, self.record(path, str(i), item)) for i, item in enumerate(node.value)]
             return self.constructor.construct_object(node)
-        except yaml.YAMLError as exc:
+        except _CONSTRUCT_ERRORS as exc:
             self.report.add(path, f"cannot read value: {getattr(exc, 'problem', None) or exc}", line)
             return None
         finally:
@@ -212,11 +263,11 @@ class _Reader:
     def key(self, node: yaml.Node, path: str) -> str:
         try:
             name = self.constructor.construct_object(node) if isinstance(node, yaml.ScalarNode) else None
-        except yaml.YAMLError:
+        except _CONSTRUCT_ERRORS:
             name = None
         if isinstance(name, str):
             return name
-        text = str(node.value) if isinstance(node, yaml.ScalarNode) else "?"
+        text = str(node.value)[:60] if isinstance(node, yaml.ScalarNode) else "?"
         self.report.add(_join(path, text), "keys must be strings (quote it)", node.start_mark.line + 1)
         return text
 
@@ -235,19 +286,92 @@ def load_recipe(path: str | Path, sets: Sequence[str] = (), registry: Registry |
     path = Path(path)
     report = _Report(str(path), {})
     try:
-        text = path.read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_BYTES + 1)
     except OSError as exc:
         raise RecipeError([Problem("", None, f"cannot read recipe: {exc.strerror or exc}", str(path))]) from exc
+    try:
+        data = _read_yaml(_text(raw), report, "")
+    except _Unreadable as exc:
+        exc.problem.source = str(path)
+        raise RecipeError([exc.problem]) from None
+    return _build(data, sets, path, report, registry)
+
+
+def _text(raw: bytes) -> str:
+    """The text of a recipe file: UTF-8 (a leading BOM is dropped), at most MAX_BYTES."""
+    if len(raw) > MAX_BYTES:
+        raise _Unreadable("", None, f"larger than {MAX_BYTES >> 20} MiB: not a recipe")
+    for bom, encoding in _BOMS:
+        if raw.startswith(bom):
+            raise _Unreadable("", None, f"{encoding} text (byte-order mark); save the recipe as UTF-8")
+    if b"\0" in raw:
+        raise _Unreadable("", None, "binary data (NUL bytes), not UTF-8 YAML text")
+    try:
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise RecipeError([Problem("", None, f"not UTF-8 text: {exc.reason}", str(path))]) from exc
-    except yaml.YAMLError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise _Unreadable("", line, f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+
+
+def _read_yaml(text: str, report: _Report, path: str) -> Any:
+    """Plain data of one YAML document, within the MAX_* bounds; line of every key path in report.lines."""
+    nodes = _scan(text, path)
+    try:
+        node = yaml.compose(text, Loader=_YAML)
+    except yaml.YAMLError as exc:  # what the scan lets through: several documents
         mark = getattr(exc, "problem_mark", None)
         message = getattr(exc, "problem", None) or str(exc)
-        line = mark.line + 1 if mark is not None else None
-        raise RecipeError([Problem("", line, f"invalid YAML: {message}", str(path))]) from exc
-    data = _Reader(report).value(node, "") if node is not None else None
-    return _build(data, sets, path, report, registry)
+        raise _Unreadable(path, mark.line + 1 if mark is not None else None, f"invalid YAML: {message}") from None
+    return _Reader(report, nodes).value(node, path) if node is not None else None
+
+
+def _scan(text: str, root: str) -> int:
+    """The number of nodes of `text`, checked against MAX_NODES and MAX_DEPTH before composing.
+
+    PyYAML's composer recurses once per level (libyaml's in C), so 50,000 nested brackets would
+    end in a RecursionError or a crash; the parser's events come from an explicit stack.
+    """
+    stack: list[list] = []  # per open collection: [is a mapping, children so far, event of the last key]
+
+    def where(more: str = "") -> str:
+        names = [str(getattr(e[2], "value", "?"))[:60] if e[0] else str(e[1] - 1) for e in stack if e[1]]
+        return ".".join(filter(None, [root, *names[:4]])) + (more if len(names) > 4 else "")
+
+    nodes = 0
+    events = yaml.parse(text, Loader=_YAML)
+    while True:
+        try:
+            event = next(events, None)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            message = f"invalid YAML: {getattr(exc, 'problem', None) or exc}"
+            raise _Unreadable(where("..."), mark.line + 1 if mark is not None else None, message) from None
+        kind = type(event)
+        if kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+            stack.pop()
+            continue
+        if kind is not yaml.ScalarEvent and kind not in _OPENING and kind is not yaml.AliasEvent:
+            if event is None:
+                return nodes
+            continue
+        if stack:
+            parent = stack[-1]
+            if parent[0] and not parent[1] & 1:
+                parent[2] = event
+            parent[1] += 1
+        if kind is yaml.AliasEvent:
+            continue
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise _Unreadable(where(), event.start_mark.line + 1, f"more than {MAX_NODES:,} values: not a recipe")
+        if kind in _OPENING:
+            if len(stack) >= MAX_DEPTH:
+                raise _Unreadable(where("..."), event.start_mark.line + 1, f"nested deeper than {MAX_DEPTH} levels")
+            stack.append([kind is yaml.MappingStartEvent, 0, None])
+
+
+_OPENING = (yaml.MappingStartEvent, yaml.SequenceStartEvent)
 
 
 def from_mapping(
@@ -268,7 +392,11 @@ def apply_sets(data: dict, sets: Sequence[str]) -> dict:
     """A copy of `data` with `key.sub=value` overrides applied; values are YAML scalars or flow
     collections (`32`, `true`, `[1, 2]`, `{abs: true}`, `abc`); missing mappings are created."""
     report = _Report(None, {})
-    out = _apply_sets(_plain(data), sets, report)
+    try:
+        data = _plain(data)
+    except _Unreadable as exc:
+        raise RecipeError([exc.problem]) from None
+    out = _apply_sets(data, sets, report)
     report.raise_if_any()
     return out
 
@@ -278,13 +406,21 @@ def _apply_sets(data: dict, sets: Sequence[str], report: _Report) -> dict:
         key, sep, text = item.partition("=")
         key = key.strip()
         parts = key.split(".")
-        if not sep or "" in parts:
-            report.problems.append(Problem(item, None, "expected KEY=VALUE, e.g. methods.occlusion.window=32", "--set"))
+        if not sep or "" in parts or len(parts) > MAX_DEPTH:
+            message = "expected KEY=VALUE, e.g. methods.occlusion.window=32"
+            report.problems.append(Problem(item[:80], None, message, "--set"))
             continue
+        read = _Report("--set", {})
         try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            report.problems.append(Problem(key, None, f"cannot parse value {text!r}: {getattr(exc, 'problem', exc)}", "--set"))
+            if len(text) > MAX_BYTES:
+                raise _Unreadable(key, None, f"longer than {MAX_BYTES >> 20} MiB")
+            value = _read_yaml(text, read, key)
+        except _Unreadable as exc:
+            message = exc.problem.message.removeprefix("invalid YAML: ")
+            report.problems.append(Problem(key, None, f"cannot parse value {text[:60]!r}: {message}", "--set"))
+            continue
+        if read.problems:
+            report.problems.extend(Problem(p.key, None, p.message, "--set") for p in read.problems)
             continue
         node = data
         for depth, part in enumerate(parts[:-1], 1):
@@ -306,7 +442,14 @@ def _build(data: Any, sets: Sequence[str], source: Path | None, report: _Report,
     if not isinstance(data, dict):
         report.add("", f"a recipe is a mapping of keys (model, inputs, methods, ...); got {_kind(data)}")
         report.raise_if_any()
-    data = _apply_sets(_plain(data), sets, report)
+    try:
+        data = _plain(data)
+    except _Unreadable as exc:
+        report.add(exc.problem.key, exc.problem.message)
+        report.raise_if_any()
+    if isinstance(data.get("engine"), str):  # `engine: ray` takes `--set engine.address=...` too
+        data["engine"] = {"name": data["engine"]}
+    data = _apply_sets(data, sets, report)
     report.lines = {k: v for k, v in report.lines.items() if not report.overridden(k)}
     values = _check_fields(data, report)
     folder = source.resolve().parent if source is not None else None
@@ -318,16 +461,16 @@ def _build(data: Any, sets: Sequence[str], source: Path | None, report: _Report,
     _map_paths(values, absolute)
     recipe = Recipe(**values, source=source, lines=report.lines, overrides=report.overrides)
     if registry is not None:
-        _check_plugins(recipe, registry, report)
+        recipe.resolved = _check_plugins(recipe, registry, report)
     report.raise_if_any()
     return recipe
 
 
 def _check_fields(data: dict, report: _Report) -> dict[str, Any]:
     known = {p.name for p in FIELDS}
-    for key in data:
-        if key not in known:
-            report.add(str(key), f"unknown key{did_you_mean(str(key), known)}")
+    unknown = [str(key) for key in data if key not in known]
+    for i, key in enumerate(unknown):
+        report.add(key, f"unknown key{did_you_mean(key, known) if i < MAX_SUGGESTED else ''}")
     values: dict[str, Any] = {}
     for p in FIELDS:
         values[p.name] = copy.deepcopy(p.default)
@@ -340,13 +483,50 @@ def _check_fields(data: dict, report: _Report) -> dict[str, Any]:
         except ValueError as exc:
             report.add(p.name, str(exc))
     values["inputs"] = _inputs(values["inputs"], report)
+    if not values["output"].strip():
+        report.add("output", "empty: name the output folder (default xai-out)")
     if not _DEVICE.fullmatch(values["device"]):
-        report.add("device", f"expected auto, cpu, cuda or cuda:N; got {values['device']!r}")
+        report.add("device", f"expected auto, cpu, cuda, cuda:N or a comma-separated list of them; got {values['device']!r}")
+    values["batch_size"] = _batch_size(values["batch_size"], report)
+    values["engine"] = _engine(values["engine"], report)
+    values["limits"] = _limits(values["limits"], report)
     values["preprocess"] = _preprocess(values["preprocess"], report)
     for table, _, alias in _TABLES:
         values[table] = _plugin_table(values[table], table, alias, report)
     values["thresholds"] = _thresholds(values["thresholds"], values["metrics"], values["methods"], report)
     return values
+
+
+def _batch_size(value: int | str, report: _Report) -> int | str:
+    if isinstance(value, str) and value != "auto":
+        report.add("batch_size", f"expected a positive int or auto; got {value!r}")
+        return "auto"
+    return value
+
+
+def _limits(given: dict, report: _Report) -> dict[str, Any]:
+    from .data import DecodeLimits
+
+    known = {f.name for f in fields(DecodeLimits)}
+    for key in given:
+        if key not in known:
+            report.add(f"limits.{key}", f"unknown limit{did_you_mean(str(key), known)}; known: {', '.join(sorted(known))}")
+    checked = {k: v for k, v in given.items() if k in known}
+    try:
+        DecodeLimits(**checked)
+    except UsageError as exc:
+        report.add(f"limits.{str(exc).split()[0].split('.', 1)[-1]}", str(exc).split(" ", 1)[1])
+        return {}
+    return checked
+
+
+def _engine(value: str | dict, report: _Report) -> dict[str, Any]:
+    engine = {"name": value} if isinstance(value, str) else dict(value)
+    if not isinstance(engine.get("name", "local"), str):
+        report.add("engine.name", f"expected an engine name (local, ray); got {_kind(engine.get('name'))}")
+        engine["name"] = "local"
+    engine.setdefault("name", "local")
+    return engine
 
 
 def _inputs(inputs: str | list | None, report: _Report) -> list[str]:
@@ -360,27 +540,33 @@ def _inputs(inputs: str | list | None, report: _Report) -> list[str]:
 
 
 def _preprocess(given: dict, report: _Report) -> dict[str, Any]:
-    values = _resolve(PREPROCESS, given, "preprocess", report)
-    if values is None:
-        return given
-    values = {k: v for k, v in values.items() if k in given}
-    size = values.get("size")
-    if isinstance(size, list) and (len(size) != 2 or not all(_is_int(s) and s >= 1 for s in size)):
-        report.add("preprocess.size", f"expected an int or [height, width] of positive ints; got {size!r}")
+    try:
+        values = {k: v for k, v in resolve(PREPROCESS, given).items() if k in given}
+    except ParamErrors as exc:  # report them, and check the other keys together
+        for error in exc.errors:
+            report.add(f"preprocess.{error.key}", error.message)
+        values = {k: v for k, v in given.items() if k not in {e.key for e in exc.errors}}
+    channels = values.get("channels")
     for key in ("mean", "std"):
         value = values.get(key)
         numbers = value if isinstance(value, list) else [value]
-        if value is not None and (not numbers or not all(_is_number(v) for v in numbers)):
+        if value is None:
+            continue
+        if not numbers:
             report.add(f"preprocess.{key}", f"expected a number or a list of numbers; got {value!r}")
-        elif key == "std" and value is not None and not all(v > 0 for v in numbers):
-            report.add("preprocess.std", f"must be > 0; got {value!r}")
-        elif values.get("channels") and len(numbers) not in (1, values["channels"]):
-            report.add(f"preprocess.{key}", f"give one value or one per channel ({values['channels']}); got {value!r}")
+        elif key == "std" and not all(v > 0 for v in numbers):
+            report.add("preprocess.std", f"must be > 0; got {short_repr(value)}")
+        elif len(numbers) not in (1, channels or 3):
+            count = channels or "1 or 3"
+            report.add(f"preprocess.{key}", f"give one value or one per channel ({count}); got {short_repr(value)}")
     return values
 
 
 def _plugin_table(table: dict, name: str, alias: str | None, report: _Report) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
+    if len(table) > MAX_ENTRIES:
+        report.add(name, f"{len(table):,} entries; at most {MAX_ENTRIES}")
+        return out
     for entry, params in table.items():
         key = f"{name}.{entry}"
         if not isinstance(entry, str) or not _NAME.fullmatch(entry):
@@ -401,6 +587,9 @@ def _thresholds(table: dict, metrics: dict, methods: dict, report: _Report) -> d
     """`metric` applies to every method, `method/metric` to one; `mprt/layer3` names a detail of mprt."""
     bound = Param("bound", float, 0.0, "")
     out: dict[str, dict[str, float]] = {}
+    if len(table) > MAX_ENTRIES:
+        report.add("thresholds", f"{len(table):,} entries; at most {MAX_ENTRIES}")
+        return out
     for name, bounds in table.items():
         key = f"thresholds.{name}"
         parts = str(name).split("/")
@@ -435,6 +624,14 @@ def validate_plugins(recipe: Recipe, registry: Registry) -> dict[str, dict[str, 
     return resolved
 
 
+def problems_of(recipe: Recipe, entries: Sequence[tuple[str, str]]) -> RecipeError:
+    """A RecipeError of (key path, message) pairs, each with the line the key was written on."""
+    report = _Report(None if recipe.source is None else str(recipe.source), recipe.lines, recipe.overrides)
+    for key, message in entries:
+        report.add(key, message)
+    return RecipeError(sorted(report.problems, key=lambda p: (p.line is None, p.line or 0)))
+
+
 def _check_plugins(recipe: Recipe, registry: Registry, report: _Report) -> dict[str, dict[str, Any]]:
     resolved: dict[str, dict[str, Any]] = {"methods": {}, "metrics": {}, "writers": {}, "model_options": {}}
     for table, kind, alias in _TABLES:
@@ -451,7 +648,12 @@ def _check_plugins(recipe: Recipe, registry: Registry, report: _Report) -> dict[
             values = _resolve(plugin.params, params, key, report, (alias,) if alias else ())
             if values is not None:
                 resolved[table][entry] = {alias: name, **values} if alias else values
-    if recipe.model is None:  # already reported as missing
+    if recipe.engine_name not in registry.plugins["engine"]:
+        try:
+            registry.get("engine", recipe.engine_name)
+        except UsageError as exc:
+            report.add("engine.name" if "engine.name" in report.lines else "engine", str(exc))
+    if recipe.model is None or recipe.model.startswith(MODULE_SCHEME):  # missing, or a module object
         return resolved
     try:
         loader = registry.loader_for(recipe.model)
@@ -505,12 +707,23 @@ def _map_paths(values: dict[str, Any], fn: Callable[[str, str], str]) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """A deep copy with tuples as lists and Paths as str (what YAML would have given)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value) if isinstance(value, Path) else value
+    """A deep copy with tuples as lists and Paths as str (what YAML would have given); _Unreadable
+    past MAX_DEPTH levels or MAX_NODES values (a Python mapping may share or contain itself)."""
+    left = MAX_NODES + MAX_ALIAS_VALUES
+
+    def copy(value: Any, path: str, depth: int) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0 or depth > MAX_DEPTH:
+            raise _Unreadable(path, None, f"more than {MAX_NODES:,} values" if left < 0 else
+                            f"nested deeper than {MAX_DEPTH} levels")
+        if isinstance(value, dict):
+            return {k: copy(v, _join(path, str(k)), depth + 1) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [copy(v, _join(path, str(i)), depth + 1) for i, v in enumerate(value)]
+        return str(value) if isinstance(value, Path) else value
+
+    return copy(value, "", 0)
 
 
 def _join(path: str, name: str) -> str:
@@ -518,12 +731,5 @@ def _join(path: str, name: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    return "nothing" if value is None else f"{type(value).__name__} {value!r}"
+    return "nothing" if value is None else f"{type(value).__name__} {short_repr(value)}"
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

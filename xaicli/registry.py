@@ -14,7 +14,10 @@ from .descriptors import Loader, Method, Metric, Writer
 from .errors import UsageError
 from .suggest import did_you_mean
 
-KINDS = {"loader": "xai_loaders", "method": "xai_methods", "metric": "xai_metrics", "writer": "xai_writers"}
+KINDS = {
+    "loader": "xai_loaders", "method": "xai_methods", "metric": "xai_metrics", "writer": "xai_writers",
+    "engine": "xai_engines",
+}
 
 
 @dataclass

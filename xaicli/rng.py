@@ -12,8 +12,11 @@ import torch
 
 
 def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (recipe seed, input key, stream name)."""
-    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    """A 63-bit seed from any parts (recipe seed, input key, stream name).
+
+    Surrogate escapes (file names that are not UTF-8) hash as their original bytes.
+    """
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from xaicli.errors import UsageError
-from xaicli.model import InputSpec
+from xaicli.model import DEFAULT_SPEC, InputSpec
 
-DEFAULT_SPEC = InputSpec(crop_pct=0.875)
 SPEC_KEYS = ("size", "channels", "mean", "std", "interpolation", "crop_pct")
 
 

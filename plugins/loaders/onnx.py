@@ -18,7 +18,7 @@ from onnx import helper
 
 from xaicli import Loader, Param, hookimpl
 from xaicli.errors import UsageError
-from xaicli.model import Model
+from xaicli.model import GraphSource, Model
 
 from .modelfile import checked_spec, describe_non_model, existing_file, file_digest, first_line, parse_xai_json
 
@@ -138,8 +138,9 @@ def load(spec: str, device: torch.device, threads: int | None = None) -> Model:
         labels=labels,
         digest=file_digest(path),
         source=spec,
+        graph_source=GraphSource("onnx", path=path),
         fixed_batch=dims[0],
-        extra={"onnx_path": str(path), "providers": sess.get_providers(), "threads": sess.get_session_options().intra_op_num_threads},
+        extra={"providers": sess.get_providers(), "threads": sess.get_session_options().intra_op_num_threads},
     )
 
 
@@ -151,6 +152,7 @@ def xai_loaders() -> list[Loader]:
             "ONNX file run by onnxruntime (gradients through xai's torch graph); spec from metadata xai.json and the input shape",
             claims,
             load,
-            (Param("threads", int, None, "onnxruntime intra-op threads (default: torch.get_num_threads())", low=1),),
+            (Param("threads", int, None, "onnxruntime intra-op threads (default: torch.get_num_threads())", low=1,
+                    high=1024),),
         )
     ]

@@ -20,10 +20,10 @@ from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_data_config
 
 from xaicli import Loader, Param, hookimpl
 from xaicli.errors import UsageError
-from xaicli.model import InputSpec, Model
+from xaicli.model import InputSpec, Model, spec_from_config
 from xaicli.suggest import did_you_mean
 
-from .modelfile import existing_file, file_digest, first_line
+from .modelfile import describe_non_model, existing_file, file_digest, first_line
 
 PREFIX = "timm:"
 HUB = "https://huggingface.co"
@@ -48,8 +48,11 @@ def model_name(spec: str) -> str:
 
 
 def create(name: str, pretrained: bool, num_classes: int | None) -> torch.nn.Module:
+    """The timm model; a random init is seeded (0), so every replica and rerun gets the same weights."""
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -101,7 +104,14 @@ def imagenet_labels(model: torch.nn.Module) -> list[str] | None:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint: safetensors, or a weights-only torch.load; nested and DDP forms accepted."""
+    """Tensors of a checkpoint: safetensors, or a weights-only torch.load; nested and DDP forms accepted.
+    A file that is neither (text, an image, a truncated download) is named with what it looks like."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    checkpoint = head.startswith((b"PK\x03\x04", b"\x80")) or path.suffix == ".safetensors"
+    if not checkpoint:  # torch.load reads such files as a legacy tar/pickle and fails obscurely
+        raise UsageError(f"weights file {path} is not a checkpoint (.safetensors, or a torch.save zip or "
+                         f"pickle): {describe_non_model(head)}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -137,10 +147,7 @@ def check_keys(spec: str, path: Path, model: torch.nn.Module, state: Mapping[str
 
 
 def input_spec(model: torch.nn.Module) -> InputSpec:
-    config = resolve_data_config({}, model=model)
-    channels, height, width = config["input_size"]
-    return InputSpec().override(size=(height, width), channels=channels, mean=config["mean"], std=config["std"],
-                                interpolation=config["interpolation"], crop_pct=config["crop_pct"])
+    return spec_from_config(resolve_data_config({}, model=model))
 
 
 def load(spec: str, device: torch.device, pretrained: bool = False, weights: str | None = None,
@@ -149,6 +156,8 @@ def load(spec: str, device: torch.device, pretrained: bool = False, weights: str
     name = model_name(spec)
     if pretrained and weights:
         raise UsageError(f"{spec}: give either model_options.pretrained or model_options.weights, not both")
+    path = existing_file(weights, "weights file") if weights else None
+    state = read_state_dict(path) if path else None  # before building the model: a bad file fails fast
     labels = None
     if pretrained:
         module = pretrained_model(spec, name, num_classes)
@@ -156,9 +165,7 @@ def load(spec: str, device: torch.device, pretrained: bool = False, weights: str
         digest = f"timm:{cfg['architecture']}.{cfg['tag']}:pretrained" if cfg.get("tag") else f"timm:{name}:pretrained"
     else:
         module, digest = create(name, False, num_classes), f"timm:{name}:random-init"
-    if weights:
-        path = existing_file(weights, "weights file")
-        state = read_state_dict(path)
+    if path is not None and state is not None:
         check_keys(spec, path, module, state)
         module.load_state_dict(state)
         digest = file_digest(path)
@@ -177,7 +184,8 @@ def xai_loaders() -> list[Loader]:
             (
                 Param("pretrained", bool, False, "download timm's pretrained weights (needs network or a cached copy)"),
                 Param("weights", str, None, "local checkpoint: .safetensors, or a state dict saved with torch.save"),
-                Param("num_classes", int, None, "classifier size when it differs from the model's default", low=1),
+                Param("num_classes", int, None, "classifier size when it differs from the model's default", low=1,
+                      high=100_000),
             ),
         )
     ]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from xaicli import Attribution, Method, Param, hookimpl
+from xaicli.chunking import AUTO, MaxBatch, chunked, max_batch_param
 from xaicli.errors import UsageError
 from xaicli.graph import find_node
 from xaicli.model import Model, gather_target
@@ -80,18 +81,19 @@ def _upsample(cam: torch.Tensor, x: torch.Tensor, interpolation: str) -> Attribu
 
 
 def _chunked(
-    model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None, max_batch: int,
-    weigh: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None, max_batch: MaxBatch,
+    weigh: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], key: str,
 ) -> torch.Tensor:
     """ReLU(Σ_k weigh(A, g)_k · A_k) [B,1,h,w], computed in chunks of at most max_batch inputs."""
     target = target.to(x.device)
-    cams = []
-    for part in torch.arange(len(x), device=x.device).split(max_batch):
-        activation, grad = layer_gradient(model, x[part], target[part], layer)
+
+    def cam(start: int, stop: int) -> torch.Tensor:
+        activation, grad = layer_gradient(model, x[start:stop], target[start:stop], layer)
         if activation.dim() != 4:
             raise UsageError(f"gradcam: layer {layer!r} has a {activation.dim()}-D output; it needs a 4-D feature map")
-        cams.append(F.relu((weigh(activation, grad) * activation).sum(1, keepdim=True)))
-    return torch.cat(cams)
+        return F.relu((weigh(activation, grad) * activation).sum(1, keepdim=True))
+
+    return torch.cat(chunked(cam, len(x), max_batch, key=key, device=x.device))
 
 
 def _mean_gradient(activation: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -107,24 +109,39 @@ def _plus_plus_weights(activation: torch.Tensor, grad: torch.Tensor) -> torch.Te
 
 def gradcam(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, layer: str | None = None,
-    interpolation: str = "bilinear", max_batch: int = 64,
+    interpolation: str = "bilinear", max_batch: MaxBatch = AUTO,
 ) -> Attribution:
     """Channels weighted by their mean gradient."""
-    return _upsample(_chunked(model, x, target, layer, max_batch, _mean_gradient), x, interpolation)
+    return _upsample(_chunked(model, x, target, layer, max_batch, _mean_gradient, "gradcam"), x, interpolation)
 
 
 def gradcam_plus_plus(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, layer: str | None = None,
-    interpolation: str = "bilinear", max_batch: int = 64,
+    interpolation: str = "bilinear", max_batch: MaxBatch = AUTO,
 ) -> Attribution:
     """Channels weighted by Grad-CAM++'s positive-gradient weights."""
-    return _upsample(_chunked(model, x, target, layer, max_batch, _plus_plus_weights), x, interpolation)
+    return _upsample(_chunked(model, x, target, layer, max_batch, _plus_plus_weights, "gradcam_plus_plus"), x,
+                     interpolation)
+
+
+def check(model: Model, params: dict[str, Any]) -> None:
+    """UsageError before any input runs when `layer` is not a layer of the model (with suggestions)
+    or not a 4-D feature map."""
+    graph = model.graph()
+    layer = params.get("layer")
+    try:
+        node = default_layer(graph) if layer is None else find_node(graph, layer)
+    except UsageError as exc:
+        raise UsageError(f"gradcam layer: {exc}") from None
+    shape = getattr(node.meta.get("val"), "shape", None)
+    if shape is not None and len(shape) != 4:
+        raise UsageError(f"gradcam layer: {layer!r} has a {len(shape)}-D output; it needs a 4-D feature map")
 
 
 PARAMS = (
     Param("layer", str, None, "graph node or module path whose activation is used (default: last spatial feature map)"),
     Param("interpolation", str, "bilinear", "upsampling of the map to the input", choices=("bilinear", "nearest")),
-    Param("max_batch", int, 64, "most inputs per forward/backward pass", low=1),
+    max_batch_param("inputs per forward/backward pass"),
 )
 
 
@@ -132,7 +149,7 @@ PARAMS = (
 def xai_methods() -> list[Method]:
     return [
         Method("gradcam", "gradient-weighted class activation map (Selvaraju et al. 2017)", gradcam, PARAMS,
-               needs="graph"),
+               needs="graph", check=check),
         Method("gradcam_plus_plus", "Grad-CAM++ weighting of the activation map (Chattopadhay et al. 2018)",
-               gradcam_plus_plus, PARAMS, needs="graph"),
+               gradcam_plus_plus, PARAMS, needs="graph", check=check),
     ]

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from xaicli import Attribution, Method, Param, hookimpl
+from xaicli.chunking import AUTO, MaxBatch, chunked, max_batch_param, predict_rows
 from xaicli.errors import UsageError
+from xaicli.imaging import gaussian_blur, normalise
 from xaicli.model import Model, gather_target, input_gradient
 from xaicli.rng import BatchRNG
-from xaicli_plugins.methods.perturbation import gaussian_blur
 
 INTEGRATIONS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 NAMED_BASELINES = ("zeros", "mean", "blur", "uniform")
@@ -54,17 +55,14 @@ def quadrature(integration: str, steps: int) -> tuple[torch.Tensor, torch.Tensor
 
 def make_baseline(model: Model, x: torch.Tensor, rng: BatchRNG, baseline: str, sigma: float) -> torch.Tensor:
     """The baseline x̄ [B,C,H,W] in normalised model-input space (see the module docstring)."""
-    spec = model.spec
-    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     if baseline == "mean":
         return torch.zeros_like(x)
     if baseline == "zeros":
-        return ((0 - mean) / std).expand_as(x).contiguous()
+        return normalise(x.new_zeros(x.shape[1], 1, 1), model.spec).expand_as(x).contiguous()
     if baseline == "blur":
         return gaussian_blur(x, sigma)
     if baseline == "uniform":
-        return (rng.uniform(x.shape[1:], x.device, stream="baseline").to(x.dtype) - mean) / std
+        return normalise(rng.uniform(x.shape[1:], x.device, stream="baseline").to(x.dtype), model.spec)
     return _image_baseline(Path(baseline), model, x)
 
 
@@ -89,7 +87,7 @@ def _image_baseline(path: Path, model: Model, x: torch.Tensor) -> torch.Tensor:
 
 def integrated_gradients(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, baseline: str = "zeros", sigma: float = 10.0,
-    steps: int = 50, integration: str = "gausslegendre", max_batch: int = 64,
+    steps: int = 50, integration: str = "gausslegendre", max_batch: MaxBatch = AUTO,
 ) -> Attribution:
     """Accumulate weighted gradients along the straight path, B·steps points in chunks of max_batch."""
     B = len(x)
@@ -98,13 +96,17 @@ def integrated_gradients(
     alphas, weights = (t.to(x.device, x.dtype) for t in quadrature(integration, steps))
     delta = x - base
     total = torch.zeros_like(x)
-    for chunk in torch.arange(B * steps, device=x.device).split(max_batch):
+
+    def accumulate(start: int, stop: int) -> None:
+        chunk = torch.arange(start, stop, device=x.device)
         image, k = chunk // steps, chunk % steps
         points = base[image] + alphas[k].view(-1, 1, 1, 1) * delta[image]
         grad, _ = input_gradient(model, points, target[image])
         total.index_add_(0, image, grad * weights[k].view(-1, 1, 1, 1))
+
+    chunked(accumulate, B * steps, max_batch, key="integrated_gradients", device=x.device)
     relevance = delta * total
-    ends = gather_target(model.predict(torch.cat([x, base]), max_batch), torch.cat([target, target]))
+    ends = gather_target(predict_rows(model, torch.cat([x, base]), max_batch), torch.cat([target, target]))
     gap = relevance.flatten(1).sum(1) - (ends[:B] - ends[B:])
     return Attribution(relevance, {"completeness_gap": gap, "baseline_logit": ends[B:]})
 
@@ -120,9 +122,9 @@ def xai_methods() -> list[Method]:
                 Param("baseline", str, "zeros", "zeros (black image), mean (0 after normalisation, captum's default), "
                       "blur, uniform (noise), or the path of an image file"),
                 Param("sigma", float, 10.0, "σ in pixels of the Gaussian for the blur baseline", low=0),
-                Param("steps", int, 50, "number of integration nodes (captum's default 50)", low=1),
+                Param("steps", int, 50, "number of integration nodes (captum's default 50)", low=1, high=10_000),
                 Param("integration", str, "gausslegendre", "quadrature rule, named as in captum", choices=INTEGRATIONS),
-                Param("max_batch", int, 64, "most interpolated images per forward/backward pass", low=1),
+                max_batch_param("interpolated images per forward/backward pass"),
             ),
         )
     ]

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from xaicli import Attribution, Method, Param, hookimpl
-from xaicli.model import Model, predict_stream
+from xaicli.chunking import AUTO, MaxBatch, max_batch_param, predict_rows
+from xaicli.imaging import denormalise, gaussian_blur, normalise
+from xaicli.model import Model
 from xaicli.rng import BatchRNG
-from xaicli_plugins.methods.perturbation import gaussian_blur
 
 LASSO_ITERATIONS = 500
 
@@ -63,9 +64,7 @@ def segment(model: Model, x: torch.Tensor, segmentation: str, n: int, compactnes
     B, C, H, W = x.shape
     if segmentation == "grid":
         return grid_segments(B, H, W, n, x.device)
-    mean = torch.tensor(model.spec.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(model.spec.std, device=x.device).view(1, -1, 1, 1)
-    images = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).double().cpu().numpy()
+    images = denormalise(x, model.spec).clamp(0, 1).permute(0, 2, 3, 1).double().cpu().numpy()
     return torch.from_numpy(image_segments(images, segmentation, n, compactness)).long().to(x.device)
 
 
@@ -121,7 +120,7 @@ def _lasso(gram: torch.Tensor, corr: torch.Tensor, alpha: float) -> torch.Tensor
 def lime(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, segmentation: str = "slic", segments: int = 50,
     compactness: float = 10.0, samples: int = 1000, kernel_width: float = 0.25, baseline: str = "mean",
-    sigma: float = 10.0, regression: str = "ridge", alpha: float | None = None, max_batch: int = 64,
+    sigma: float = 10.0, regression: str = "ridge", alpha: float | None = None, max_batch: MaxBatch = AUTO,
 ) -> Attribution:
     """Segment, evaluate the model on `samples` masked copies per input, fit one surrogate per input."""
     B, C, H, W = x.shape
@@ -138,7 +137,7 @@ def lime(
         keep = masks[image, row].gather(1, flat_labels[image]).view(-1, 1, H, W)
         return base[image] + keep * (x[image] - base[image])
 
-    logits = predict_stream(model, masked, B * samples, max_batch)
+    logits = predict_rows(model, masked, max_batch, key="lime", total=B * samples)
     y = logits.gather(1, target.repeat_interleave(samples)[:, None]).view(B, samples)
     count_t = torch.tensor(counts, device=x.device)
     weights = kernel_weights(masks, count_t, kernel_width)
@@ -156,9 +155,7 @@ def _baseline(model: Model, x: torch.Tensor, baseline: str, sigma: float) -> tor
         return torch.zeros_like(x)
     if baseline == "blur":
         return gaussian_blur(x, sigma)
-    mean = torch.tensor(model.spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(model.spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (-mean / std).expand_as(x).contiguous()
+    return normalise(x.new_zeros(x.shape[1], 1, 1), model.spec).expand_as(x).contiguous()
 
 
 @hookimpl
@@ -171,10 +168,11 @@ def xai_methods() -> list[Method]:
             (
                 Param("segmentation", str, "slic", "superpixels: slic, quickshift (lime's settings) or a regular grid",
                       choices=("slic", "quickshift", "grid")),
-                Param("segments", int, 50, "number of segments for slic and grid", low=1),
+                Param("segments", int, 50, "number of segments for slic and grid", low=1, high=10_000),
                 Param("compactness", float, 10.0,
                       "slic's colour/space trade-off (lower follows edges more; ~0.1 for gray images)", low=0),
-                Param("samples", int, 1000, "masked copies per input, the unmasked input first (lime's 1000)", low=2),
+                Param("samples", int, 1000, "masked copies per input, the unmasked input first (lime's 1000)", low=2,
+                      high=100_000),
                 Param("kernel_width", float, 0.25, "width of the exponential kernel on cosine distance (lime's 0.25)",
                       low=1e-6),
                 Param("baseline", str, "mean", "what masked segments show: mean colour (0 normalised), zeros (black) "
@@ -184,7 +182,7 @@ def xai_methods() -> list[Method]:
                       choices=("ridge", "lasso")),
                 Param("alpha", float, None,
                       "regularisation strength: default 1.0 for ridge (lime's), 0.01 for lasso (captum's)", low=0),
-                Param("max_batch", int, 64, "most masked images per forward pass", low=1),
+                max_batch_param("masked images per forward pass"),
             ),
             needs="forward",
         )

@@ -19,6 +19,7 @@ from torch import fx
 
 from xaicli import Attribution, Method, Param, hookimpl
 from xaicli.errors import UsageError
+from xaicli.imaging import normalised_value
 from xaicli.lrp import (COMPOSITES, LRP, KINDS, Settings, UnknownLayer, composite, parse_rules_by_name,
                         parse_rules_by_type)
 from xaicli.model import Model
@@ -45,9 +46,9 @@ def lrp(model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, comp
 def _settings(model: Model, epsilon: float, gamma: float, low: Any, high: Any) -> Settings:
     spec = model.spec
     if low is None:
-        low = tuple((0.0 - m) / s for m, s in zip(spec.mean, spec.std))
+        low = normalised_value(spec, 0.0)
     if high is None:
-        high = tuple((1.0 - m) / s for m, s in zip(spec.mean, spec.std))
+        high = normalised_value(spec, 1.0)
     as_bound = lambda v: tuple(float(e) for e in v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, (list, tuple)) and len(value) not in (1, spec.channels):
@@ -93,6 +94,15 @@ def _engine(model: Model, name: str, settings: Settings, by_type: dict[str, str]
     return engines[key]
 
 
+def check(model: Model, params: dict[str, Any]) -> None:
+    """Prepare (and cache) the engine once before any input runs: UsageError naming the parameter when
+    rules_by_name or record_layers name no layer of the model (with suggestions), or a rule or bound is bad."""
+    settings = _settings(model, params["epsilon"], params["gamma"], params["low"], params["high"])
+    by_type = _mapping(params["rules_by_type"], "rules_by_type")
+    by_name = _mapping(params["rules_by_name"], "rules_by_name")
+    _engine(model, params["composite"], settings, by_type, by_name, tuple(_names(params["record_layers"])))
+
+
 @hookimpl
 def xai_methods() -> list[Method]:
     kinds = ", ".join(KINDS)
@@ -117,5 +127,6 @@ def xai_methods() -> list[Method]:
                       "layers whose output relevance is saved as extras 'relevance:<name>'"),
             ),
             needs="graph",
+            check=check,
         )
     ]

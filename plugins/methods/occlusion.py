@@ -13,6 +13,7 @@ import math
 import torch
 
 from xaicli import Attribution, Method, Param, hookimpl
+from xaicli.chunking import AUTO, MaxBatch, chunked, max_batch_param, predict_rows
 from xaicli.model import Model, gather_target
 from xaicli.rng import BatchRNG
 
@@ -31,7 +32,7 @@ def window_masks(size: int, window: int, stride: int, device: torch.device) -> t
 
 def occlusion(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG,
-    window: int | list[int] = 16, stride: int | list[int] = 8, baseline: float = 0.0, max_batch: int = 64,
+    window: int | list[int] = 16, stride: int | list[int] = 8, baseline: float = 0.0, max_batch: MaxBatch = AUTO,
 ) -> Attribution:
     B, C, H, W = x.shape
     (wh, ww), (sh, sw) = _pair(window), _pair(stride)
@@ -49,13 +50,13 @@ def occlusion(
         mask = mask[:, None]  # [n, 1, H, W]
         return x[image] * (1 - mask) + baseline * mask
 
-    reference = gather_target(model.predict(x, max_batch), target)
-    drops = []
-    for start in range(0, B * per_image, max_batch):
-        stop = min(B * per_image, start + max_batch)
+    @torch.no_grad()
+    def drops(start: int, stop: int) -> torch.Tensor:
         images = torch.arange(start, stop, device=x.device) // per_image
-        drops.append(reference[images] - gather_target(model.predict(occluded(start, stop)), target[images]))
-    drop = torch.cat(drops).view(B, n_rows, n_cols)
+        return reference[images] - gather_target(model(occluded(start, stop)), target[images])
+
+    reference = gather_target(predict_rows(model, x, max_batch), target)
+    drop = torch.cat(chunked(drops, B * per_image, max_batch, key="occlusion", device=x.device)).view(B, n_rows, n_cols)
     total = torch.einsum("bij,iy,jx->byx", drop, rows, cols)
     count = torch.outer(rows.sum(0), cols.sum(0))
     relevance = (total / count)[:, None].expand(B, C, H, W).contiguous()
@@ -70,10 +71,10 @@ def xai_methods() -> list[Method]:
             "logit drop when a sliding window is covered (model-agnostic)",
             occlusion,
             (
-                Param("window", (int, list), 16, "window size in pixels: n or [h, w]"),
-                Param("stride", (int, list), 8, "step between windows: n or [h, w]"),
+                Param("window", (int, list), 16, "window size in pixels: n or [h, w]", low=1, high=4096, length=2),
+                Param("stride", (int, list), 8, "step between windows: n or [h, w]", low=1, high=4096, length=2),
                 Param("baseline", float, 0.0, "value the window is filled with, in normalised model-input space"),
-                Param("max_batch", int, 64, "most occluded images evaluated in one forward pass", low=1),
+                max_batch_param("occluded images per forward pass"),
             ),
             needs="forward",
         )

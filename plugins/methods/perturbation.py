@@ -27,43 +27,16 @@ No reference library ships these methods (TorchRay is unmaintained), so there is
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from xaicli import Attribution, Method, Param, hookimpl
+from xaicli.chunking import AUTO, ROWS, MaxBatch, chunked, max_batch_param, predict_rows
+from xaicli.imaging import gaussian_blur
 from xaicli.model import Model
 from xaicli.rng import BatchRNG
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [B,C,H,W] per channel (radius ⌈3σ⌉ capped by the image, reflected border).
-
-    Written as two matrix products, K_H · x · K_Wᵀ, with the reflection folded into the matrices:
-    every image goes through the same GEMM whatever the batch size, so results are batch-invariant.
-    Shared by the blur baselines of integrated gradients and LIME; per-channel affine maps such as
-    input normalisation commute with it, so blurring normalised input blurs the image.
-    """
-    if sigma <= 0:
-        return x.clone()
-    _, _, H, W = x.shape
-    radius = max(1, min(math.ceil(3 * sigma), H - 1, W - 1))
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).to(x.dtype)
-    return _blur_matrix(H, kernel, radius, x) @ x @ _blur_matrix(W, kernel, radius, x).T
-
-
-def _blur_matrix(n: int, kernel: torch.Tensor, radius: int, like: torch.Tensor) -> torch.Tensor:
-    """[n, n] matrix applying the 1-D kernel along one axis with a reflected border (`F.pad` "reflect")."""
-    rows = torch.arange(n)[:, None] + torch.arange(-radius, radius + 1)[None]
-    rows = rows.abs()  # reflect below 0: -k -> k
-    rows = torch.where(rows > n - 1, 2 * (n - 1) - rows, rows)  # and above n-1
-    matrix = torch.zeros(n, n, dtype=like.dtype)
-    matrix.index_put_((torch.arange(n)[:, None].expand_as(rows), rows), kernel.expand_as(rows), accumulate=True)
-    return matrix.to(like.device)
 
 
 def shift(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -89,10 +62,6 @@ def area_loss(region: torch.Tensor, area: float) -> torch.Tensor:
     ones = round(area * n)
     ref = torch.cat([flat.new_zeros(n - ones), flat.new_ones(ones)])
     return (flat.sort(dim=1).values - ref).pow(2).mean(1)
-
-
-ROWS = 8
-"""Chunks go through the model padded to a multiple of this many rows (see the module docstring)."""
 
 
 def padded_logits(model: Model, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +91,7 @@ def _score(logits: torch.Tensor, target: torch.Tensor, use_prob: bool) -> torch.
 def _optimise(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, *, game: str, sigma: float,
     mask_size: int | list[int] | None, steps: int, lr: float, jitter: int | None, tv: float, tv_beta: float,
-    max_batch: int, use_prob: bool, penalty: Callable[[torch.Tensor], torch.Tensor],
+    max_batch: MaxBatch, use_prob: bool, penalty: Callable[[torch.Tensor], torch.Tensor], key: str,
 ) -> Attribution:
     """Adam over one [B,1,h,w] keep-mask; the score is p_t (`use_prob`) or f_t, `penalty(r)` [B] the area term."""
     B, C, H, W = x.shape
@@ -134,18 +103,22 @@ def _optimise(
     mask = (0.5 + 0.1 * (rng.uniform((1, h, w), x.device, stream="init") - 0.5)).requires_grad_(True)
     shifts = rng.integers(2 * jitter + 1, (steps, 2), x.device, stream="jitter") - jitter
     optimiser = torch.optim.Adam([mask], lr=lr)
+
+    def accumulate(step: int, start: int, stop: int) -> None:
+        """Add the gradient of images [start, stop)'s losses to mask.grad (backward allocates before it adds)."""
+        with torch.enable_grad():
+            m = mask[start:stop]
+            up = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
+            offsets = shifts[start:stop, step]
+            blend = up * shift(x[start:stop], offsets) + (1 - up) * shift(blurred[start:stop], offsets)
+            score = _score(padded_logits(model, blend), target[start:stop], use_prob)
+            region = 1 - m if game == "delete" else m
+            loss = sign * score + tv * total_variation(m, tv_beta) + penalty(region)
+            loss.sum().backward()
+
     for step in range(steps):
         optimiser.zero_grad()
-        for part in torch.arange(B, device=x.device).split(max_batch):
-            with torch.enable_grad():
-                m = mask[part]
-                up = F.interpolate(m, size=(H, W), mode="bilinear", align_corners=False)
-                offsets = shifts[part, step]
-                blend = up * shift(x[part], offsets) + (1 - up) * shift(blurred[part], offsets)
-                score = _score(padded_logits(model, blend), target[part], use_prob)
-                region = 1 - m if game == "delete" else m
-                loss = sign * score + tv * total_variation(m, tv_beta) + penalty(region)
-                loss.sum().backward()
+        chunked(lambda start, stop: accumulate(step, start, stop), B, max_batch, key=key, device=x.device)
         optimiser.step()
         with torch.no_grad():
             mask.clamp_(0, 1)
@@ -154,12 +127,12 @@ def _optimise(
 
 def _result(
     model: Model, x: torch.Tensor, target: torch.Tensor, blurred: torch.Tensor, mask: torch.Tensor, game: str,
-    max_batch: int,
+    max_batch: MaxBatch,
 ) -> Attribution:
     """Relevance from the final mask, with the mask itself and the target probability it leaves."""
     B, C, H, W = x.shape
     up = F.interpolate(mask, size=(H, W), mode="bilinear", align_corners=False)
-    logits = model.predict(up * x + (1 - up) * blurred, max_batch)
+    logits = predict_rows(model, up * x + (1 - up) * blurred, max_batch)
     region = 1 - up if game == "delete" else up
     return Attribution(
         region.expand(B, C, H, W).contiguous(),
@@ -170,12 +143,12 @@ def _result(
 def meaningful_perturbation(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, game: str = "delete", sigma: float = 10.0,
     mask_size: int | list[int] | None = None, steps: int = 300, lr: float = 0.1, l1: float = 1.0, tv: float = 0.2,
-    tv_beta: float = 3.0, jitter: int | None = None, max_batch: int = 64,
+    tv_beta: float = 3.0, jitter: int | None = None, max_batch: MaxBatch = AUTO,
 ) -> Attribution:
     """The smallest smooth region whose blurring removes (delete) or alone keeps (preserve) the class."""
     return _optimise(
         model, x, target, rng, game=game, sigma=sigma, mask_size=mask_size, steps=steps, lr=lr, jitter=jitter,
-        tv=tv, tv_beta=tv_beta, max_batch=max_batch, use_prob=True,
+        tv=tv, tv_beta=tv_beta, max_batch=max_batch, use_prob=True, key="meaningful_perturbation",
         penalty=lambda region: l1 * region.abs().flatten(1).mean(1),
     )
 
@@ -183,12 +156,13 @@ def meaningful_perturbation(
 def extremal_perturbation(
     model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, game: str = "preserve", area: float = 0.1,
     sigma: float = 10.0, mask_size: int | list[int] | None = None, steps: int = 300, lr: float = 0.05,
-    area_weight: float = 300.0, tv: float = 0.0, tv_beta: float = 3.0, jitter: int | None = 0, max_batch: int = 64,
+    area_weight: float = 300.0, tv: float = 0.0, tv_beta: float = 3.0, jitter: int | None = 0,
+    max_batch: MaxBatch = AUTO,
 ) -> Attribution:
     """The region of fixed `area` that best keeps (preserve) or removes (delete) the target logit."""
     return _optimise(
         model, x, target, rng, game=game, sigma=sigma, mask_size=mask_size, steps=steps, lr=lr, jitter=jitter,
-        tv=tv, tv_beta=tv_beta, max_batch=max_batch, use_prob=False,
+        tv=tv, tv_beta=tv_beta, max_batch=max_batch, use_prob=False, key="extremal_perturbation",
         penalty=lambda region: area_weight * area_loss(region, area),
     )
 
@@ -199,14 +173,14 @@ def _shared(game: str, lr: float, jitter: int | None, tv: float) -> tuple[Param,
               "be kept", choices=("delete", "preserve")),
         Param("sigma", float, 10.0, "σ in pixels of the Gaussian blur that perturbs the input", low=0),
         Param("mask_size", (int, list), None, "mask resolution n or [h, w], upsampled bilinearly "
-              "(default input/8, ≥ 8)"),
-        Param("steps", int, 300, "Adam steps", low=1),
+              "(default input/8, ≥ 8)", low=1, high=4096, length=2),
+        Param("steps", int, 300, "Adam steps", low=1, high=100_000),
         Param("lr", float, lr, "Adam learning rate", low=0),
         Param("tv", float, tv, "λ₂: weight of the total-variation term (smooth masks)", low=0),
         Param("tv_beta", float, 3.0, "β of TV_β", low=1),
         Param("jitter", int, jitter, "largest random shift in pixels of the input at each step, against adversarial "
-              "masks (default input/56: 4 px at 224, as in the paper)", low=0),
-        Param("max_batch", int, 64, "most images per forward/backward pass", low=1),
+              "masks (default input/56: 4 px at 224, as in the paper)", low=0, high=4096),
+        max_batch_param("images per forward/backward pass"),
     )
 
 

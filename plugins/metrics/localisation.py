@@ -119,7 +119,7 @@ def xai_metrics() -> list[Metric]:
         metric("relevance_rank_accuracy", "share of the |mask| most relevant pixels inside the mask",
                relevance_rank_accuracy),
         metric("top_k_intersection", "share of the k most relevant pixels inside the mask", top_k_intersection,
-               Param("k", int, 1000, "number of top pixels", low=1),
+               Param("k", int, 1000, "number of top pixels", low=1, high=4096 * 4096),
                Param("concept_influence", bool, False, "divide by the mask's share of the image")),
         metric("attribution_localisation", "relevance inside the mask over total relevance",
                attribution_localisation, Param("weighted", bool, False, "multiply by the mask's share of the image"),

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from xaicli import Metric, Param, hookimpl
+from xaicli.chunking import AUTO, MaxBatch
 from xaicli.descriptors import MetricContext
 from xaicli.model import Model
 
@@ -43,7 +44,7 @@ def _layer_similarities(
 def mprt(
     model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor, ctx: MetricContext,
     similarity: str = "spearman", order: str = "top_down", seed: int = 42, normalise: bool = True,
-    abs: bool = True, max_batch: int = 64,
+    abs: bool = True, max_batch: MaxBatch = AUTO,
 ) -> torch.Tensor:
     """Model parameter randomisation test: layers randomised one more at a time (cascading), R
     re-explained after each; headline = mean similarity over layers (lower is better), per-layer
@@ -52,7 +53,7 @@ def mprt(
     reference = pixel_map(relevance, normalise, abs)
 
     def explain(copy_model: Model) -> torch.Tensor:
-        return explain_rows(ctx, lambda start, stop: x[start:stop], B, 1, target, max_batch, copy_model)
+        return explain_rows(ctx, lambda start, stop: x[start:stop], B, 1, target, max_batch, copy_model, key="mprt")
 
     return _layer_similarities(model, ctx, explain, reference, similarity, order, seed, normalise, abs).mean(1)
 
@@ -60,7 +61,7 @@ def mprt(
 def smooth_mprt(
     model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor, ctx: MetricContext,
     samples: int = 10, noise: float = 0.1, similarity: str = "spearman", order: str = "bottom_up",
-    seed: int = 42, normalise: bool = True, abs: bool = True, max_batch: int = 64,
+    seed: int = 42, normalise: bool = True, abs: bool = True, max_batch: MaxBatch = AUTO,
 ) -> torch.Tensor:
     """sMPRT: as MPRT, but every explanation (the original one too) is the mean over `samples` copies
     of x with Gaussian noise of std noise·(max − min of x), the last copy noise-free (Quantus' scheme).
@@ -77,7 +78,8 @@ def smooth_mprt(
         return x[b.to(x.device)] + eps * sigma[b.to(x.device)].view(-1, 1, 1, 1) * keep
 
     def explain(copy_model: Model | None) -> torch.Tensor:
-        maps = explain_rows(ctx, noisy, B * samples, samples, target, max_batch, copy_model, stream="smooth")
+        maps = explain_rows(ctx, noisy, B * samples, samples, target, max_batch, copy_model, stream="smooth",
+                            key="smooth_mprt")
         return maps.view(B, samples, H, W).mean(1)
 
     reference = pixel_map(explain(None)[:, None], normalise, abs)
@@ -86,7 +88,7 @@ def smooth_mprt(
 
 def efficient_mprt(
     model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor, ctx: MetricContext,
-    bins: int = 100, seed: int = 42, max_batch: int = 64,
+    bins: int = 100, seed: int = 42, max_batch: MaxBatch = AUTO,
 ) -> torch.Tensor:
     """eMPRT: relative rise of the explanation's complexity when every layer is randomised,
     (H(R_random) − H(R)) / H(R), H the entropy of a `bins`-bin histogram of R (Quantus' defaults:
@@ -94,7 +96,8 @@ def efficient_mprt(
     copy_model, module = torch_copy(model)
     for _, layer in weighted_layers(module):
         randomise(layer, seed)
-    maps = explain_rows(ctx, lambda start, stop: x[start:stop], len(x), 1, target, max_batch, copy_model)
+    maps = explain_rows(ctx, lambda start, stop: x[start:stop], len(x), 1, target, max_batch, copy_model,
+                        key="efficient_mprt")
     before = histogram_entropy(pixel_map(relevance).flatten(1), bins)
     after = histogram_entropy(maps.flatten(1), bins)
     ctx.details["entropy"] = before
@@ -104,7 +107,7 @@ def efficient_mprt(
 
 def random_logit(
     model: Model, x: torch.Tensor, target: torch.Tensor, relevance: torch.Tensor, ctx: MetricContext,
-    similarity: str = "ssim", normalise: bool = True, abs: bool = False, max_batch: int = 64,
+    similarity: str = "ssim", normalise: bool = True, abs: bool = False, max_batch: MaxBatch = AUTO,
 ) -> torch.Tensor:
     """Similarity of R to the explanation of a random other class (uniform over the other classes,
     from the input's own stream); lower is better. SSIM by default, as Quantus — computed on the 2-D
@@ -114,7 +117,7 @@ def random_logit(
         raise ValueError("random_logit needs a model with at least two classes")
     draw = ctx.rng.integers(classes - 1, (), device=x.device, stream="class")
     other = (target.to(x.device) + 1 + draw) % classes
-    maps = explain_rows(ctx, lambda start, stop: x[start:stop], len(x), 1, other, max_batch)
+    maps = explain_rows(ctx, lambda start, stop: x[start:stop], len(x), 1, other, max_batch, key="random_logit")
     return compare(similarity, pixel_map(relevance, normalise, abs), pixel_map(maps[:, None], normalise, abs))
 
 
@@ -137,13 +140,13 @@ def xai_metrics() -> list[Metric]:
                params=(sim("spearman"), order("top_down"), seed, normalise_param(True), abs_param(True), max_batch_param())),
         Metric("smooth_mprt", "MPRT on noise-averaged explanations", "randomisation", smooth_mprt,
                higher_is_better=False, needs="gradient", needs_explain=True,
-               params=(Param("samples", int, 10, "noisy copies averaged per explanation", low=1),
+               params=(Param("samples", int, 10, "noisy copies averaged per explanation", low=1, high=100_000),
                        Param("noise", float, 0.1, "noise std as a share of the input's value range", low=0.0),
                        sim("spearman"), order("bottom_up"), seed, normalise_param(True), abs_param(True),
                        max_batch_param())),
         Metric("efficient_mprt", "relative rise of explanation entropy after full randomisation", "randomisation",
                efficient_mprt, higher_is_better=True, needs="gradient", needs_explain=True,
-               params=(Param("bins", int, 100, "histogram bins of the entropy", low=2), seed, max_batch_param())),
+               params=(Param("bins", int, 100, "histogram bins of the entropy", low=2, high=100_000), seed, max_batch_param())),
         Metric("random_logit", "similarity of R to the explanation of a random other class", "randomisation",
                random_logit, higher_is_better=False, needs_explain=True,
                params=(sim("ssim"), normalise_param(True), abs_param(False), max_batch_param())),

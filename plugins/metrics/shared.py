@@ -7,7 +7,8 @@ Conventions (all metrics):
 - `normalise` divides each input's map by its own max |R| (Quantus' `normalise_by_max` divides by
   the max over the whole batch, which makes a score depend on the other inputs of its batch);
   `abs` then takes |R| — the order Quantus uses.
-- Perturbed copies are built lazily and evaluated in chunks of at most `max_batch` images.
+- Perturbed copies are built lazily and evaluated in chunks of at most `max_batch` images (or of
+  a size chosen against free memory: `auto`, see xaicli.chunking), keyed by the metric's name.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from typing import Callable
 import torch
 
 from xaicli import Param
+from xaicli.chunking import AUTO, MaxBatch, chunked, predict_rows
+from xaicli.chunking import max_batch_param as _max_batch_param
 from xaicli.descriptors import MetricContext
 from xaicli.model import Model, gather_target
 from xaicli.rng import BatchRNG, derive_seed
@@ -24,8 +27,8 @@ from xaicli.rng import BatchRNG, derive_seed
 BASELINES = ("black", "white", "mean", "zero")
 
 
-def max_batch_param(default: int = 64) -> Param:
-    return Param("max_batch", int, default, "most perturbed or re-explained images evaluated in one pass", low=1)
+def max_batch_param(default: MaxBatch = AUTO) -> Param:
+    return _max_batch_param("perturbed or re-explained images", default)
 
 
 def softmax_param(default: bool) -> Param:
@@ -73,20 +76,23 @@ def baseline_values(x: torch.Tensor, baseline: str | float) -> torch.Tensor:
     return value.view(-1, 1, 1, 1)
 
 
-def target_scores(model: Model, x: torch.Tensor, target: torch.Tensor, softmax: bool, max_batch: int) -> torch.Tensor:
+def target_scores(model: Model, x: torch.Tensor, target: torch.Tensor, softmax: bool, max_batch: MaxBatch
+                  ) -> torch.Tensor:
     """f_t(x) (logit or probability) for a batch, in chunks: [B]."""
-    return _pick(model.predict(x, max_batch), target, softmax)
+    return _pick(predict_rows(model, x, max_batch), target, softmax)
 
 
 def stream_scores(
     model: Model, make: Callable[[int, int], torch.Tensor], total: int, target: torch.Tensor,
-    softmax: bool, max_batch: int,
+    softmax: bool, max_batch: MaxBatch, key: str,
 ) -> torch.Tensor:
     """f_t of `total` perturbed copies built by `make(start, stop)`; target[i] is row i's class."""
-    parts = []
-    for start in range(0, total, max_batch):
-        stop = min(total, start + max_batch)
-        parts.append(_pick(model.predict(make(start, stop)), target[start:stop], softmax))
+
+    @torch.no_grad()
+    def scores(start: int, stop: int) -> torch.Tensor:
+        return _pick(model(make(start, stop)), target[start:stop], softmax)
+
+    parts = chunked(scores, total, max_batch, key=key, device=model.device)
     return torch.cat(parts) if parts else torch.zeros(0, device=target.device)
 
 
@@ -113,20 +119,21 @@ def row_rng(rng: BatchRNG, inputs: torch.Tensor, copies: torch.Tensor, stream: s
 
 def explain_rows(
     ctx: MetricContext, make: Callable[[int, int], torch.Tensor], total: int, copies: int, target: torch.Tensor,
-    max_batch: int, model: Model | None = None, stream: str = "reexplain",
+    max_batch: MaxBatch, model: Model | None = None, stream: str = "reexplain", *, key: str,
 ) -> torch.Tensor:
     """Re-explain `total` = B × copies inputs (row j is copy j % copies of input j // copies) in chunks of
     at most `max_batch`, one `ctx.explain` call per chunk; returns per-pixel maps [total, H, W]."""
-    if ctx.explain is None:
+    explain = ctx.explain
+    if explain is None:
         raise ValueError("this metric re-explains inputs, but no explain function was given")
-    maps = []
-    for start in range(0, total, max_batch):
-        stop = min(total, start + max_batch)
+
+    def maps(start: int, stop: int) -> torch.Tensor:
         rows = torch.arange(start, stop)
         rng = row_rng(ctx.rng, rows // copies, rows % copies, stream)
-        relevance = ctx.explain(make(start, stop), target[rows // copies].to(target.device), model, rng)
-        maps.append(relevance.detach().float().sum(1))
-    return torch.cat(maps)
+        relevance = explain(make(start, stop), target[rows // copies].to(target.device), model, rng)
+        return relevance.detach().float().sum(1)
+
+    return torch.cat(chunked(maps, total, max_batch, key=key, device=target.device))
 
 
 def padding(size: int, patch: int) -> tuple[int, int]:

@@ -45,7 +45,7 @@ class NpzSink:
         save = np.savez_compressed if self.compress else np.savez
         for i, item in enumerate(batch.items):
             arrays = self._arrays(batch, i, params)
-            atomic_write(self.expected(item, batch.output)[0], lambda fh: save(fh, **arrays))
+            atomic_write(self.expected(item, batch.output)[0], lambda fh: save(fh, **arrays), root=self.out_dir)
 
     def _arrays(self, batch: BatchOutput, i: int, params: str) -> dict[str, np.ndarray]:
         arrays = {

@@ -64,7 +64,8 @@ class PngSink:
             self._save(item, batch.output, overlay(image, picture, self.alpha) if self.overlay else picture)
 
     def _save(self, item: InputItem, output: str, picture: np.ndarray) -> None:
-        atomic_write(self.expected(item, output)[0], lambda fh: Image.fromarray(picture).save(fh, format="PNG", compress_level=PNG_LEVEL))
+        save = lambda fh: Image.fromarray(picture).save(fh, format="PNG", compress_level=PNG_LEVEL)  # noqa: E731
+        atomic_write(self.expected(item, output)[0], save, root=self.out_dir)
 
     def close(self, run: dict[str, Any]) -> None:
         """Nothing to finish: every picture is written with its batch."""

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from xaicli import Writer, hookimpl
+from xaicli.data import escaped
 from xaicli.descriptors import BatchOutput, InputItem
-from xaicli.io import atomic_write_bytes
+from xaicli.io import TEMP_SUFFIX, atomic_write_bytes, storage_errors
 from xaicli.summary import Row, check_thresholds, junit_xml, summarize
 
 HEADER = ("input", "method", "metric", "score")
@@ -34,7 +35,7 @@ HEADER = ("input", "method", "metric", "score")
 def batch_rows(batch: BatchOutput) -> list[Row]:
     """The score rows of one batch, input by input."""
     return [
-        (item.relpath, batch.output, metric, float(values[i]))
+        (escaped(item.relpath), batch.output, metric, float(values[i]))  # names that are not UTF-8: \xNN
         for i, item in enumerate(batch.items)
         for metric, values in batch.scores.items()
     ]
@@ -54,17 +55,22 @@ def _keep_previous(run: dict[str, Any]) -> bool:
 
 
 class MetricsCsvSink:
-    """Appends each batch's rows to a temporary file (flushed per batch); renamed to metrics.csv at close."""
+    """Appends each batch's rows to a temporary file; renamed to metrics.csv at close.
+
+    The temporary file holds whole rows only: a write that fails (a full disk raises StorageError,
+    which stops the run) is cut off again, and close renames what is whole. If close itself
+    fails, the temporary file is removed and an earlier metrics.csv stays as it was.
+    """
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / "metrics.csv"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=".metrics.csv.", suffix=".tmp", dir=out_dir)
-        self.file = os.fdopen(fd, "w", newline="")
-        self.csv = csv.writer(self.file)
-        self.csv.writerow(HEADER)
+        with storage_errors(out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.fd, self.tmp = tempfile.mkstemp(prefix=".metrics.csv.", suffix=TEMP_SUFFIX, dir=out_dir)
+        self.size = 0  # bytes of whole rows in the temporary file
         self.scored: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
+        self.write_rows([HEADER])
 
     def expected(self, item: InputItem, output: str) -> list[Path]:
         return []
@@ -72,18 +78,40 @@ class MetricsCsvSink:
     def write(self, batch: BatchOutput) -> None:
         rows = batch_rows(batch)
         with self.lock:
-            self.csv.writerows((i, m, k, repr(s)) for i, m, k, s in rows)
-            self.file.flush()
-            self.scored.update((item.relpath, batch.output) for item in batch.items)
+            self.write_rows([(i, m, k, repr(s)) for i, m, k, s in rows])
+            self.scored.update((escaped(item.relpath), batch.output) for item in batch.items)
+
+    def write_rows(self, rows: list[tuple[str, ...]]) -> None:
+        text = io.StringIO()
+        csv.writer(text).writerows(rows)
+        data = text.getvalue().encode()
+        left = memoryview(data)
+        try:
+            with storage_errors(self.path):
+                while left:
+                    left = left[os.write(self.fd, left):]
+        except BaseException:
+            os.ftruncate(self.fd, self.size)
+            os.lseek(self.fd, self.size, os.SEEK_SET)
+            raise
+        self.size += len(data)
 
     def close(self, run: dict[str, Any]) -> None:
         with self.lock:
-            if _keep_previous(run):
-                self.csv.writerows((i, m, k, repr(s)) for i, m, k, s in read_rows(self.path) if (i, m) not in self.scored)
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.replace(self.tmp, self.path)
+            try:
+                if _keep_previous(run):
+                    self.write_rows([(i, m, k, repr(s)) for i, m, k, s in read_rows(self.path) if (i, m) not in self.scored])
+                with storage_errors(self.path):
+                    os.fsync(self.fd)
+                    os.replace(self.tmp, self.path)
+            except BaseException:
+                try:
+                    os.unlink(self.tmp)
+                except FileNotFoundError:
+                    pass
+                raise
+            finally:
+                os.close(self.fd)
 
 
 class _Collector:
@@ -118,8 +146,10 @@ class SummarySink(_Collector):
         thresholds = run.get("thresholds") or {}
         violations = check_thresholds(summary, thresholds) if thresholds else []
         data = {**summary, "thresholds": thresholds, "violations": [v.reason for v in violations]}
-        atomic_write_bytes(self.out_dir / "summary.json", (json.dumps(_finite(data), indent=2, allow_nan=False) + "\n").encode())
-        atomic_write_bytes(self.out_dir / "summary.md", markdown(summary, [v.reason for v in violations]).encode())
+        text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+        atomic_write_bytes(self.out_dir / "summary.json", text.encode(), root=self.out_dir)
+        text = markdown(summary, [v.reason for v in violations])
+        atomic_write_bytes(self.out_dir / "summary.md", text.encode(), root=self.out_dir)
 
 
 class JunitSink(_Collector):
@@ -130,7 +160,8 @@ class JunitSink(_Collector):
         thresholds = run.get("thresholds") or {}
         violations = check_thresholds(summary, thresholds)
         seconds = float(run.get("timings", {}).get("total", 0.0))
-        atomic_write_bytes(self.out_dir / "junit.xml", junit_xml(summary, thresholds, violations, seconds).encode())
+        xml = junit_xml(summary, thresholds, violations, seconds)
+        atomic_write_bytes(self.out_dir / "junit.xml", xml.encode(), root=self.out_dir)
 
 
 def markdown(summary: dict[str, Any], violations: list[str]) -> str:

@@ -2,7 +2,7 @@
 
 Graph-aware methods (LRP, Grad-CAM, gradients through ONNX models) work on this graph only::
 
-    gm = model.graph()                      # = to_graph(model), built once, cached on the Model
+    gm = model.graph()                      # = to_graph(model.graph_source, ...), cached on the Model
     gm = from_module(module, example)       # eager / timm, through torch.export
     gm = from_torchscript(script, example)  # TorchScript, through torch's TS2EPConverter
     gm = from_onnx("model.onnx")            # our own ONNX->torch converter (opsets 13-21)
@@ -59,9 +59,9 @@ scope + op (`layer4.1.add`, `blocks.0.attn.softmax`, top level `linear`), repeat
 `_2`. `find_node(gm, "layer4")` resolves a user's name: an exact layer or node name, else the
 last node inside that module (its output).
 """
-from .convert import graph_source, to_graph
+from .convert import to_graph
 from .naming import find_node, layer_names
 from .onnx_convert import from_onnx
 from .trace import from_module, from_torchscript
 
-__all__ = ["find_node", "from_module", "from_onnx", "from_torchscript", "graph_source", "layer_names", "to_graph"]
+__all__ = ["find_node", "from_module", "from_onnx", "from_torchscript", "layer_names", "to_graph"]

@@ -1,0 +1,1 @@
+"""`make stress`: the stress suite (python -m stress.run); see stress/run.py."""
