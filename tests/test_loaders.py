@@ -178,6 +178,9 @@ def test_timm_resnet18_random_init():
 def test_timm_checkpoint_round_trip(tmp_path, suffix):
     torch.manual_seed(0)
     source = timm_loader.load("timm:test_resnet", CPU, num_classes=5)
+    with torch.no_grad():  # trained weights: not the loader's (seeded) random init
+        for p in source.module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     state = {k: v.contiguous() for k, v in source.module.state_dict().items()}
     path = tmp_path / f"weights{suffix}"
     if suffix == ".safetensors":
@@ -191,6 +194,8 @@ def test_timm_checkpoint_round_trip(tmp_path, suffix):
         fresh = timm_loader.load("timm:test_resnet", CPU, num_classes=5)
         assert torch.equal(loaded(x), expected)
         assert not torch.allclose(fresh(x), expected)
+        # a random init is seeded: every replica and rerun of `timm:NAME` has the same weights
+        assert torch.equal(fresh(x), timm_loader.load("timm:test_resnet", CPU, num_classes=5)(x))
     assert loaded.digest == sha256(path)
 
 

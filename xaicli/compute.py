@@ -49,6 +49,7 @@ class BatchResult:
     items: list[InputItem]
     outputs: list[BatchOutput] = field(default_factory=list)
     failures: list[Failed] = field(default_factory=list)
+    chunks: dict[str, int] = field(default_factory=dict)  # chunk sizes its replica has chosen so far
 
     @property
     def failed(self) -> int:

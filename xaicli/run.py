@@ -83,6 +83,7 @@ class Record:
         self.errors: list[tuple[int, dict[str, str]]] = []
         self.scores: list[tuple[int, list[tuple[str, str, str, float]]]] = []
         self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.chunks: dict[str, int] = {}  # the smallest size any replica chose, per method and device
         self.lock = threading.Lock()
 
     def fail(self, item: InputItem, stage: str, cause: str) -> None:
@@ -99,6 +100,8 @@ class Record:
             with self.lock:
                 self.scores.append((min(self.order[r[0]] for r in rows), rows))
         self.counts["done"] += result.done
+        for key, size in result.chunks.items():
+            self.chunks[key] = min(size, self.chunks.get(key, size))
 
     def sorted_errors(self) -> list[dict[str, str]]:
         return [e for _, e in sorted(self.errors, key=lambda pair: pair[0])]
@@ -190,7 +193,7 @@ def _finish(plan: Plan, model: Model, out_dir: Path, items: list[InputItem], job
     record.counts["failed"] = len({e["path"] for e in errors})
     info = manifest(plan, model, inputs=len(items), counts=dict(record.counts), interrupted=interrupted,
                     timings=timings, scores=scores, devices=[str(d) for d in job.devices],
-                    batch_size=job.batch_size, chunks=job.chunk_sizes())
+                    batch_size=job.batch_size, chunks=dict(sorted(record.chunks.items())))
     steps = [
         lambda: writers.close(info),
         lambda: atomic_write_bytes(out_dir / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode(),

@@ -42,9 +42,6 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     sizer: ChunkSizer = field(default_factory=ChunkSizer)  # chunk sizes learned per method/metric and device
 
-    def chunk_sizes(self) -> dict[str, int]:
-        return self.sizer.sizes()
-
     @property
     def batch_size(self) -> int:
         size = self.plan.recipe.batch_size
@@ -145,7 +142,9 @@ class Replica:
 
     def __call__(self, decoded: list[Decoded]) -> BatchResult:
         with self.sizer.active():
-            return compute(self.model, self.plan, self.targets, read_batch(self.plan, decoded, self.model))
+            result = compute(self.model, self.plan, self.targets, read_batch(self.plan, decoded, self.model))
+        result.chunks = self.sizer.sizes()
+        return result
 
     def decode(self, items: list[InputItem]) -> tuple[list[Decoded], list[Failed]]:
         """Decode inputs here (engines whose workers read the files themselves)."""

@@ -154,7 +154,7 @@ class _Worker:
         items = [InputItem(Path(p), str(r), str(s)) for p, r, s in zip(batch["path"], batch["relpath"], batch["stem"])]
         decoded, failed = self.replica.decode(items)
         result = self.replica(decoded) if decoded else BatchResult([])
-        whole = BatchResult(items, outputs=result.outputs, failures=failed + result.failures)
+        whole = BatchResult(items, outputs=result.outputs, failures=failed + result.failures, chunks=result.chunks)
         blob = pickle.dumps(whole, protocol=pickle.HIGHEST_PROTOCOL)
         return {"result": np.array([blob], dtype=object)}
 
