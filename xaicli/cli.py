@@ -25,6 +25,8 @@ plugins_app = typer.Typer(help="List installed plugins, or show one plugin's par
 app.add_typer(plugins_app, name="plugins")
 
 _debug = False
+_inside = False  # a command is running (signals raise KeyboardInterrupt in it)
+_pending = False  # a signal came while the flags were parsed
 
 
 def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
@@ -55,7 +57,11 @@ def _target(text: Optional[str]) -> Optional[Any]:
 
 def _guard(run: Callable[[], int]) -> None:
     """Turn every error into a message and an exit code; tracebacks only with --debug."""
+    global _inside
+    _inside = True
     try:
+        if _pending:
+            raise KeyboardInterrupt
         code = run()
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
@@ -323,9 +329,11 @@ def plugins_show(name: str = typer.Argument(..., help="plugin name")) -> None:
 
 
 def main() -> None:
-    """Console-script entry point. SIGTERM stops like Ctrl-C (exit 130) from the first moment; once
-    the command has decided its exit code, further signals are ignored (no traceback while exiting)."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """Console-script entry point. Ctrl-C and SIGTERM stop with exit 130 from the first moment (the
+    run loop finishes its batch first); once the command is ending, further signals are ignored, so
+    no traceback is printed while Python exits."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         app()
     finally:
@@ -334,7 +342,14 @@ def main() -> None:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    """The first signal interrupts the command (or, while flags are parsed, stops it as it starts);
+    later ones are ignored while the command winds down."""
+    global _pending
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if _inside:
+        raise KeyboardInterrupt
+    _pending = True
 
 
 if __name__ == "__main__":
