@@ -9,8 +9,9 @@ separates actor start-up from per-batch engine overhead:
 
 The local engine is timed before and after the ray runs (the mean is used: the machine's load
 drifts). The closing table extrapolates 8 GPUs x 16 nodes on ImageNet-1k val (50,000 images, batch 16) for
-lrp and occlusion from these measurements. GPU speed is not measurable here: the per-batch GPU
-compute is an input (--gpu-ms), and the driver, which writes every file, is a second bound.
+lrp and occlusion from these measurements, for both ways of writing (`engine.write`): actors write
+their inputs' files (the default; the driver receives scores and predictions only) or the driver
+writes every file. GPU speed is not measurable here: the per-batch GPU compute is an input (--gpu-ms).
 
     python bench/bench_engines.py [--images 256] [--gpu-ms lrp=25,occlusion=2000]
 """
@@ -60,7 +61,8 @@ def run(data: dict) -> dict:
 
 
 def per_batch(folder: Path, out: Path, method: str) -> dict[str, float]:
-    """In-process, one torch thread (as an actor): compute ms, result bytes, pickling ms, driver write ms per batch."""
+    """In-process, one torch thread (as an actor): compute ms, result bytes, pickling ms and the files'
+    write ms per batch; with actors writing, the bytes that still travel and the driver's ms to take them."""
     from xaicli.descriptors import WriterContext
     from xaicli.engines import Replica
     from xaicli.plan import make_plan
@@ -92,27 +94,42 @@ def per_batch(folder: Path, out: Path, method: str) -> dict[str, float]:
         for output in result.outputs:
             sink.write(output)
     write = time.perf_counter() - start
-    return {"compute_ms": 1e3 * compute, "bytes": len(blob), "pickle_ms": 1e3 * serialise, "write_ms": 1e3 * write}
+    from xaicli.engines.ray import _without_arrays
+
+    result.outputs = [_without_arrays(output) for output in result.outputs]
+    light = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+    start = time.perf_counter()
+    for _ in range(100):
+        pickle.loads(light)
+    take = (time.perf_counter() - start) / 100
+    return {"compute_ms": 1e3 * compute, "bytes": len(blob), "pickle_ms": 1e3 * serialise, "write_ms": 1e3 * write,
+            "light_bytes": len(light), "driver_ms": 1e3 * take}
 
 
 def extrapolate(measured: dict[str, dict[str, float]], overhead_ms: float, startup_s: float, gpu_ms: dict[str, float],
                 nodes: int = 16, gpus: int = 8, images: int = 50_000, bandwidth: float = 1.25e9) -> list[dict]:
-    """Wall time and images/s of ImageNet-1k val on nodes x gpus actors.
+    """Wall time and images/s of ImageNet-1k val on nodes x gpus actors, for both `engine.write` modes.
 
-    actors:  start-up + ceil(batches / devices) x (GPU compute + engine overhead + result bytes / bandwidth)
-    driver:  batches x (result bytes / bandwidth + write ms x pixel ratio / 2 writer threads)
+    write=actors  actors: start-up + ceil(batches / devices) x (GPU compute + overhead + write ms x pixel ratio)
+                  driver: batches x (light bytes / bandwidth + driver ms)     (scores and predictions only)
+    write=driver  actors: start-up + ceil(batches / devices) x (GPU compute + overhead + result bytes / bandwidth)
+                  driver: batches x (result bytes / bandwidth + write ms x pixel ratio / 2 writer threads)
     Result bytes and write time scale with pixels, (224 / SIZE)^2; the run takes the larger of the two.
     """
     scale, devices, batches = (224 / SIZE) ** 2, nodes * gpus, math.ceil(images / BATCH)
+    rounds = math.ceil(batches / devices)
     rows = []
     for method, m in measured.items():
-        transfer = m["bytes"] * scale / bandwidth
-        actors = startup_s + math.ceil(batches / devices) * (gpu_ms[method] / 1e3 + overhead_ms / 1e3 + transfer)
-        driver = batches * (transfer + m["write_ms"] * scale / 1e3 / 2)
-        wall = max(actors, driver)
-        rows.append({"method": method, "gpu_ms_per_batch": gpu_ms[method], "actors_s": round(actors, 1),
-                     "driver_s": round(driver, 1), "bound": "actors" if actors >= driver else "driver",
-                     "images_per_s": round(images / wall, 1)})
+        gpu, transfer, write = gpu_ms[method] / 1e3, m["bytes"] * scale / bandwidth, m["write_ms"] * scale / 1e3
+        modes = {
+            "actors": (startup_s + rounds * (gpu + overhead_ms / 1e3 + write),
+                       batches * (m["light_bytes"] / bandwidth + m["driver_ms"] / 1e3)),
+            "driver": (startup_s + rounds * (gpu + overhead_ms / 1e3 + transfer), batches * (transfer + write / 2)),
+        }
+        for mode, (actors, driver) in modes.items():
+            rows.append({"method": method, "write": mode, "gpu_ms_per_batch": gpu_ms[method], "actors_s": round(actors, 1),
+                         "driver_s": round(driver, 1), "bound": "actors" if actors >= driver else "driver",
+                         "images_per_s": round(images / max(actors, driver), 1)})
     return rows
 
 
@@ -159,10 +176,10 @@ def main() -> None:
     # the overhead from two runs is within noise here; never below what pickling a batch's result costs
     rows = extrapolate(measured, max(1e3 * overhead, measured["occlusion"]["pickle_ms"]), max(startup, 0.0), gpu_ms)
     print("\nImageNet-1k val (50,000 images, batch 16) on 16 nodes x 8 GPUs = 128 actors; 10 Gbit/s to the driver")
-    print(f"{'method':<10} {'GPU ms/batch':>12} {'actors s':>9} {'driver s':>9} {'bound':>7} {'images/s':>9}")
+    print(f"{'method':<10} {'write':<7} {'GPU ms/batch':>12} {'actors s':>9} {'driver s':>9} {'bound':>7} {'images/s':>9}")
     for r in rows:
-        print(f"{r['method']:<10} {r['gpu_ms_per_batch']:>12.0f} {r['actors_s']:>9.1f} {r['driver_s']:>9.1f} "
-              f"{r['bound']:>7} {r['images_per_s']:>9.1f}")
+        print(f"{r['method']:<10} {r['write']:<7} {r['gpu_ms_per_batch']:>12.0f} {r['actors_s']:>9.1f} "
+              f"{r['driver_s']:>9.1f} {r['bound']:>7} {r['images_per_s']:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -101,10 +101,13 @@ def failed_inputs(out: Path) -> list[tuple[str, str]]:
     return [(e["input"], e["stage"]) for e in map(json.loads, (out / "errors.jsonl").read_text().splitlines())]
 
 
-def test_ray_and_local_engines_write_identical_outputs(cluster, recipe, local_run, tmp_path):
+@pytest.mark.parametrize("write", ["actors", "driver"])
+def test_ray_and_local_engines_write_identical_outputs(cluster, recipe, local_run, tmp_path, write):
+    """Actors writing their inputs' files (the default) or the driver writing every file: the same bytes."""
     out = tmp_path / "ray"
     done = subprocess.run([*XAI, "run", recipe, "-o", out, "--quiet", "--set", "engine.name=ray",
-                           "--set", f"engine.address={cluster.address}"], capture_output=True, text=True)
+                           "--set", f"engine.address={cluster.address}", "--set", f"engine.write={write}"],
+                          capture_output=True, text=True)
     assert done.returncode == 1, done.stderr  # 1: the corrupt inputs failed, the others are done
     ours, reference = files(out), files(local_run)
     assert sorted(ours) == sorted(reference)
@@ -113,7 +116,8 @@ def test_ray_and_local_engines_write_identical_outputs(cluster, recipe, local_ru
     assert failed_inputs(out) == failed_inputs(local_run)
     assert sorted(i for i, _ in failed_inputs(out)) == sorted(BAD)
     assert manifest(out)["counts"] == manifest(local_run)["counts"] == {"done": 20, "skipped": 0, "failed": 2}
-    assert manifest(out)["recipe"]["engine"] == {"name": "ray", "address": cluster.address, "actors": None}
+    assert manifest(out)["recipe"]["engine"] == {"name": "ray", "address": cluster.address, "actors": None,
+                                                 "write": write}
 
 
 # -- test methods: saliency, with a deterministic hook into the Ray worker that runs it -----------
@@ -226,3 +230,39 @@ def test_engine_options_are_checked_and_a_missing_ray_is_named(digits, inputs, t
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     with pytest.raises(UsageError, match=r"pip install 'xaicli\[ray\]'"):
         explain({}, str(digits.torchscript), inputs, tmp_path / "out", {"name": "ray"}, reg=default_registry())
+
+
+class _FailingSink:
+    """A per-input sink that fails as told: a full disk (StorageError) or a bad file (ValueError)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def write(self, batch) -> None:
+        raise self.error
+
+
+def test_an_actor_write_failure_fails_its_inputs_and_a_full_disk_stops_the_run():
+    """The actor-side writes (no cluster needed): a sink's error fails the batch's inputs with the
+    writer named; a full disk is handed back to the driver, which stops the run (exit code 3)."""
+    import errno
+
+    from xaicli.compute import BatchResult
+    from xaicli.descriptors import BatchOutput, InputItem
+    from xaicli.engines.ray import _Worker
+    from xaicli.errors import StorageError
+
+    items = [InputItem(Path(f"/in/{i}.png"), f"{i}.png", str(i)) for i in range(2)]
+    zeros = np.zeros((2, 1, 4, 4), np.float32)
+    output = BatchOutput("saliency", "saliency", {}, items, zeros, [], [], [], np.zeros(2, np.int64),
+                         np.zeros(2, np.float32), np.zeros(2, np.float32), zeros, scores={"m": np.ones(2)})
+    worker = _Worker.__new__(_Worker)
+    worker.sinks = {"png": _FailingSink(ValueError("cannot encode"))}
+    result = BatchResult(items, outputs=[output])
+    assert worker._write(result) == ""
+    assert [(f.item.relpath, f.stage, f.cause) for f in result.failures] == [
+        (f"{i}.png", "write (png)", "ValueError: cannot encode") for i in range(2)]
+    assert result.written == ("png",) and result.outputs[0].relevance.size == 0  # arrays stay on the actor
+    assert list(result.outputs[0].scores["m"]) == [1, 1]  # scores go to the driver (metrics.csv)
+    worker.sinks = {"npz": _FailingSink(StorageError("/out/arrays: no space left on device", "/out", errno.ENOSPC))}
+    assert worker._write(BatchResult(items, outputs=[output])) == "/out/arrays: no space left on device"

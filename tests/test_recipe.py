@@ -322,6 +322,8 @@ RICH = """
       pixel_flipping: {features_per_step: 64}
     thresholds:
       pixel_flipping: {max: 0.5, min: 0}
+    baseline: ../evals/main
+    max_regression: {pixel_flipping: 0.05}
     masks: masks
     from_run: "../runs/one"
 """

@@ -5,7 +5,7 @@ Python API (what the CLI calls)::
     import xaicli
     result = xaicli.explain("model.pt", ["photos/"], methods=["saliency"], output="out/")
 """
-from .descriptors import Attribution, InputItem, Loader, Method, Metric, MetricContext, Writer
+from .descriptors import Analysis, AnalysisOutput, Attribution, InputItem, Loader, Method, Metric, MetricContext, Writer
 from .hookspecs import hookimpl
 from .params import Param
 
@@ -34,6 +34,6 @@ def run_file(*args, **kwargs):
 
 
 __all__ = [
-    "Attribution", "InputItem", "Loader", "Method", "Metric", "MetricContext", "Param", "Writer",
+    "Analysis", "AnalysisOutput", "Attribution", "InputItem", "Loader", "Method", "Metric", "MetricContext", "Param", "Writer",
     "evaluate", "explain", "hookimpl", "run_file", "__version__",
 ]

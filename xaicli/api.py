@@ -63,19 +63,24 @@ def evaluate(
     masks: str | Path | None = None,
     from_run: str | Path | None = None,
     thresholds: dict[str, dict[str, float]] | None = None,
+    baseline: str | Path | None = None,
+    max_regression: dict[str, float] | None = None,
     **keys: Any,
 ) -> RunResult:
     """Score explanation methods with metrics: the Python form of `xai evaluate`.
 
     Scores only by default (metrics.csv, summary.json/.md, junit.xml); `writers=` adds heatmaps.
-    `from_run` scores an earlier run's arrays instead of explaining again.
+    `from_run` scores an earlier run's arrays instead of explaining again. `baseline` compares the
+    means with an earlier evaluation; `max_regression` (metric -> delta) fails the run (exit 1) when
+    one got worse by more than its delta.
     """
     if not metrics:
         raise UsageError("no metrics to compute: add one with --metric METRIC (list them with `xai plugins`)")
     keys.setdefault("writers", {})
     keys.setdefault("overwrite", True)
     keys["metrics"] = dict(metrics) if isinstance(metrics, dict) else {m: {} for m in metrics}
-    optional = {"masks": masks, "from_run": from_run, "thresholds": thresholds}
+    optional = {"masks": masks, "from_run": from_run, "thresholds": thresholds, "baseline": baseline,
+                "max_regression": max_regression}
     keys.update({k: str(v) if isinstance(v, Path) else v for k, v in optional.items() if v})
     return explain(model, inputs, methods=methods, **keys)
 

@@ -102,8 +102,8 @@ def _report(result: Any, quiet: bool) -> int:
         typer.echo(f"failed: {error['path']}: {error['stage']}: {error['cause']}", err=True)
     if len(result.errors) > 20:
         typer.echo(f"... {len(result.errors) - 20} more in {result.out_dir / 'errors.jsonl'}", err=True)
-    for reason in result.violations:
-        typer.echo(f"threshold violated: {reason}", err=True)
+    for reason in result.violations:  # regressions against a baseline say so themselves
+        typer.echo(reason if reason.startswith("regression:") else f"threshold violated: {reason}", err=True)
     if result.storage_error:
         typer.echo(f"stopped: output storage failed: {result.storage_error}; free space and rerun to resume", err=True)
     elif result.interrupted:
@@ -207,6 +207,10 @@ def evaluate(
     from_run: Optional[Path] = typer.Option(None, "--from", help="reuse the arrays of an earlier `xai explain` run"),
     fail_under: List[str] = typer.Option([], "--fail-under", help="METRIC=VALUE: fail when a mean score is below (repeatable)"),
     fail_over: List[str] = typer.Option([], "--fail-over", help="METRIC=VALUE: fail when a mean score is above (repeatable)"),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="an earlier `xai evaluate` output folder to compare the means with"),
+    max_regression: List[str] = typer.Option([], "--max-regression",
+                                             help="METRIC=DELTA or METHOD/METRIC=DELTA: fail when a mean got worse than the "
+                                                  "baseline's by more than DELTA (repeatable)"),
     output: Optional[Path] = OUTPUT, batch_size: Optional[str] = BATCH, device: Optional[str] = DEVICE, engine: Optional[str] = ENGINE,
     target: Optional[str] = TARGET, set_: List[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET,
     save_recipe: Optional[Path] = SAVE, input_size: Optional[str] = SIZE, mean: Optional[str] = MEAN,
@@ -218,6 +222,7 @@ def evaluate(
     _debug = debug
 
     def go() -> int:
+        from .baseline import parse_tolerance
         from .summary import parse_threshold
 
         thresholds: dict[str, dict[str, float]] = {}
@@ -229,6 +234,10 @@ def evaluate(
         extra: dict[str, Any] = {"metrics": {m: {} for m in metric}, "overwrite": True, "writers": {}}
         if thresholds:
             extra["thresholds"] = thresholds
+        if baseline:
+            extra["baseline"] = str(baseline)
+        if max_regression:
+            extra["max_regression"] = dict(parse_tolerance(text) for text in max_regression)
         if masks:
             extra["masks"] = str(masks)
         if from_run:
@@ -266,6 +275,103 @@ def run(
     _guard(go)
 
 
+@app.command()
+def analyze(
+    run_dir: Path = typer.Argument(..., help="output folder of `xai explain` or `xai evaluate` (with arrays/)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="analysis folder (default RUN_DIR/analysis)"),
+    method: List[str] = typer.Option([], "-m", "--method", help="method output to analyse (repeatable; default all)"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="comma-separated class indices (default all)"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV input,label: group by true label, not target"),
+    analysis: str = typer.Option("spray", "--analysis", help="analysis plugin (see `xai plugins`)"),
+    set_: List[str] = typer.Option([], "--set", help="analysis.KEY=VALUE (repeatable); see `xai plugins show spray`"),
+    quiet: bool = QUIET, debug: bool = DEBUG,
+) -> None:
+    """SpRAy over a run's heatmaps: per class a spectral embedding, eigengap, clusterings, 2-D views."""
+    global _debug
+    _debug = debug
+
+    def go() -> int:
+        from . import progress
+        from .analysis.pipeline import analyze as run_analysis, parse_sets
+
+        wanted = None
+        if classes is not None:
+            try:
+                wanted = [int(c) for c in classes.replace(" ", "").split(",") if c]
+            except ValueError:
+                raise UsageError(f"--classes takes comma-separated class indices, e.g. 0,3; got {classes!r}") from None
+        result = run_analysis(run_dir, output, method, wanted, labels, parse_sets(set_), analysis,
+                              progress.choose(quiet, task="analyze", unit="heatmaps"))
+        if not quiet:
+            typer.echo(f"{len(result.groups)} groups analysed, {len(result.skipped_files)} files skipped "
+                       f"-> {result.out_dir}", err=True)
+        for path, cause in result.skipped_files[:20]:
+            typer.echo(f"skipped: {path}: {cause}", err=True)
+        return result.exit_code
+
+    _guard(go)
+
+
+@app.command("report")
+def report_command(
+    run_dir: Path = typer.Argument(..., help="output folder of `xai explain` (or `xai evaluate`)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="report folder (default RUN_DIR/report)"),
+    evaluation: Optional[Path] = typer.Option(None, "--evaluation", help="an `xai evaluate` folder (default: RUN_DIR when it has metrics.csv)"),
+    analysis: Optional[Path] = typer.Option(None, "--analysis", help="an `xai analyze` folder (default: RUN_DIR/analysis when it exists)"),
+    thumb_size: int = typer.Option(64, "--thumb-size", help="thumbnail side in pixels (16 to 256)"),
+    debug: bool = DEBUG,
+) -> None:
+    """Write a static HTML report (gallery, metrics, analysis, provenance); open its index.html in a browser."""
+    global _debug
+    _debug = debug
+
+    def go() -> int:
+        from .report import build_report
+
+        page = build_report(run_dir, output, evaluation=evaluation, analysis=analysis, tile=thumb_size)
+        typer.echo(f"report -> {page}", err=True)
+        return 0
+
+    _guard(go)
+
+
+@app.command("concepts")
+def concepts_command(
+    model: str = MODEL,
+    inputs: List[str] = typer.Argument(None, help="image files, folders or globs (none: only --merge)"),
+    layer: List[str] = typer.Option([], "--layer", "-l", help="layer whose channels are concepts (repeatable; default: the last convolution)"),
+    output: Path = typer.Option(Path("xai-concepts"), "-o", "--output", help="output folder"),
+    top: int = typer.Option(8, "--top", help="reference inputs kept per channel"),
+    mode: str = typer.Option("relevance", "--mode", help="rank references by a channel's relevance sum (relevance) or peak (max)"),
+    prototypes: int = typer.Option(0, "--prototypes", help="PCX: Gaussian-mixture prototypes per class (0: none)"),
+    merge: List[Path] = typer.Option([], "--merge", help="another concepts run folder (a shard) to merge in (repeatable)"),
+    references: bool = typer.Option(True, "--references/--no-references", help="render reference image grids"),
+    batch_size: Optional[str] = BATCH, device: Optional[str] = DEVICE, target: Optional[str] = TARGET,
+    set_: List[str] = SET, overwrite: bool = OVERWRITE, quiet: bool = QUIET, seed: Optional[int] = SEED,
+    workers: Optional[int] = WORKERS, debug: bool = DEBUG,
+) -> None:
+    """Concept atlas (CRP): per channel the most relevant and most active inputs, class statistics, prototypes."""
+    global _debug
+    _debug = debug
+
+    def go() -> int:
+        from . import progress
+        from .concepts.api import concepts
+
+        keys = {k: v for k, v in {"batch_size": _batch(batch_size), "device": device, "target": _target(target),
+                                  "seed": seed, "workers": workers}.items() if v is not None}
+        if overwrite:
+            keys["overwrite"] = True
+        result = concepts(model, inputs or [], layers=layer, output=output, top=top, mode=mode, prototypes=prototypes,
+                          merge=merge, references=references, sets=set_, progress=progress.choose(quiet), **keys)
+        code = _report(result.run, quiet) if result.run is not None else 0
+        if result.files and not quiet:
+            typer.echo(f"atlas of {result.inputs} inputs, layers {', '.join(result.layers)} -> {result.out_dir}", err=True)
+        return code
+
+    _guard(go)
+
+
 @plugins_app.callback()
 def plugins(ctx: typer.Context) -> None:
     """List installed plugins by kind."""
@@ -281,7 +387,7 @@ def plugins(ctx: typer.Context) -> None:
         registry = default_registry()
         console = Console()
         for kind, table in registry.plugins.items():
-            view = Table(title=f"{kind}s", title_justify="left", show_header=True, header_style="bold")
+            view = Table(title="analyses" if kind == "analysis" else f"{kind}s", title_justify="left", show_header=True, header_style="bold")
             for column in ("name", "description", "from"):
                 view.add_column(column)
             for name in sorted(table):

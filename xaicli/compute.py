@@ -50,6 +50,7 @@ class BatchResult:
     outputs: list[BatchOutput] = field(default_factory=list)
     failures: list[Failed] = field(default_factory=list)
     chunks: dict[str, int] = field(default_factory=dict)  # chunk sizes its replica has chosen so far
+    written: tuple[str, ...] = ()  # writers whose files the engine's worker wrote already
 
     @property
     def failed(self) -> int:
@@ -205,6 +206,7 @@ def _output(call: Call, decoded: list[Decoded], x: torch.Tensor, logits: torch.T
         prob=torch.softmax(logits.float(), 1).gather(1, picked)[:, 0].cpu().numpy(),
         relevance=attribution.relevance.detach().float().cpu().numpy(),
         extras={k: numpy(v) for k, v in attribution.extras.items()},
+        predicted=logits.argmax(1).cpu().numpy().astype(np.int64),
     )
 
 
@@ -220,6 +222,7 @@ def _drop(output: BatchOutput, failed: set[int]) -> BatchOutput:
         inputs=output.inputs[keep], images=pick(output.images), crops=pick(output.crops), resized=pick(output.resized),
         target=output.target[keep], logit=output.logit[keep], prob=output.prob[keep], relevance=output.relevance[keep],
         extras={k: v[keep] for k, v in output.extras.items()}, scores={k: v[keep] for k, v in output.scores.items()},
+        predicted=None if output.predicted is None else output.predicted[keep],
     )
 
 

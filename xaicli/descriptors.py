@@ -134,6 +134,7 @@ class BatchOutput:
     relevance: np.ndarray  # [B,C,H,W] float32
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # metric name -> [B]
+    predicted: np.ndarray | None = None  # [B] int64 top class of the model (may differ from target)
 
 
 class Sink(Protocol):
@@ -160,12 +161,18 @@ class WriterContext:
 
 @dataclass(frozen=True)
 class Writer:
-    """A report writer: `open(ctx, **params) -> Sink`."""
+    """A report writer: `open(ctx, **params) -> Sink`.
+
+    `per_input`: the sink writes files of its own per input from the batch's arrays (png, npz), so an
+    engine may run it where the batch was computed (the ray engine's actors do). Other sinks gather
+    over the run from scores and predictions; the arrays of the batches they get may be empty.
+    """
 
     name: str
     description: str
     open: Callable[..., Sink]
     params: tuple[Param, ...] = ()
+    per_input: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,4 +186,53 @@ class Engine:
     name: str
     description: str
     run: Callable[..., Any]
+    params: tuple[Param, ...] = ()
+
+
+@dataclass
+class AnalysisGroup:
+    """What an analysis gets: the heatmaps of one method output and class, one row per input.
+
+    `heatmaps` is [N, h*w] float32 (channel-summed, pooled to `shape`, normalised; see
+    xaicli.analysis.heatmaps). `cached(name, settings, compute)` returns `compute()` or, when this
+    group's heatmaps and `settings` were seen before, its stored result (a dict of arrays); each
+    call appends (name, reused) to `cache_log`.
+    """
+
+    method: str
+    cls: int
+    class_source: str  # "target" or "label"
+    inputs: list[str]
+    heatmaps: np.ndarray
+    shape: tuple[int, int]
+    seed: int
+    cached: Callable[[str, dict[str, Any], Callable[[], dict[str, np.ndarray]]], dict[str, np.ndarray]]
+    cache_log: list[tuple[str, bool]] = field(default_factory=list)
+
+
+@dataclass
+class AnalysisOutput:
+    """What an analysis returns for a group. Every array has one row per input.
+
+    `embeddings`: name -> [N, d] (the first one is what clusterings ran on); `eigenvalues` belong to
+    the first embedding when it is spectral. `clusterings`: name -> int labels [N] (-1 = noise);
+    `suggested` names the one to show first. `views`: name -> [N, 2] for plotting.
+    """
+
+    embeddings: dict[str, np.ndarray]
+    clusterings: dict[str, np.ndarray]
+    views: dict[str, np.ndarray] = field(default_factory=dict)
+    eigenvalues: np.ndarray | None = None
+    eigengap: int | None = None
+    suggested: str = ""
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """A dataset-wide analysis of a run's heatmaps: `analyze(group, **params) -> AnalysisOutput`,
+    called per method output and class by `xai analyze`."""
+
+    name: str
+    description: str
+    analyze: Callable[..., AnalysisOutput]
     params: tuple[Param, ...] = ()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pluggy
 
-from .descriptors import Engine, Loader, Method, Metric, Writer
+from .descriptors import Analysis, Engine, Loader, Method, Metric, Writer
 
 PROJECT = "xaicli"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -41,3 +41,9 @@ def xai_writers() -> list[Writer]:
 @hookspec
 def xai_engines() -> list[Engine]:
     """Return engines: where the compute step runs (`run(job) -> Iterator[BatchResult]`, see xaicli.engines)."""
+
+
+@hookspec
+def xai_analyses() -> list[Analysis]:
+    """Return dataset-wide analyses: `analyze(group, **params) -> AnalysisOutput`, run by `xai analyze`
+    per method output and class on the run's heatmaps (see xaicli.analysis)."""

@@ -48,15 +48,22 @@ def manifest(plan: Plan, model: Model | None, *, inputs: int, counts: dict[str, 
         "metrics": {name: {"metric": c.name, "higher_is_better": c.plugin.higher_is_better, "family": c.plugin.family}
                     for name, c in plan.metrics.items()},
         "thresholds": plan.recipe.thresholds or {},
+        "baseline": {"path": plan.recipe.baseline, "max_regression": plan.recipe.max_regression} if plan.baseline else None,
         "scores": scores,
     }
 
 
 def threshold_violations(plan: Plan, scores: list) -> list[str]:
-    """Each threshold of the recipe that the run's mean scores violate, as a sentence."""
-    if not plan.recipe.thresholds:
+    """Each threshold of the recipe that the run's mean scores violate, and each regression beyond
+    its tolerance against the baseline, as a sentence."""
+    if not plan.recipe.thresholds and not plan.recipe.max_regression:
         return []
+    from .baseline import compare
     from .summary import check_thresholds, summarize
 
     summary = summarize(scores, {n: c.plugin.higher_is_better for n, c in plan.metrics.items()})
-    return [v.reason for v in check_thresholds(summary, plan.recipe.thresholds, plan.outputs)]
+    found = [v.reason for v in check_thresholds(summary, plan.recipe.thresholds, plan.outputs)]
+    if plan.baseline is not None and plan.recipe.max_regression:
+        changes = compare(summary, plan.baseline, plan.recipe.max_regression, plan.outputs)
+        found += [f"regression: {c.reason}" for c in changes if c.regressed]
+    return found

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .baseline import read_baseline
 from .data import DecodeLimits
 from .descriptors import Engine, Loader, Method, Metric, Writer
 from .errors import UsageError
@@ -50,6 +51,7 @@ class Plan:
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     previous: dict[str, Any] | None = None  # manifest of the run whose arrays are reused (--from)
     module: torch.nn.Module | None = None  # a model object handed to the Python API (a private copy)
+    baseline: dict[str, Any] | None = None  # summary.json of the evaluation this one is compared with
 
     @property
     def reuse_forward(self) -> bool:
@@ -97,6 +99,7 @@ def make_plan(recipe: Recipe, registry: Registry, module: torch.nn.Module | None
         limits=DecodeLimits(**recipe.limits),
         previous=previous,
         module=module,
+        baseline=read_baseline(recipe.baseline) if recipe.baseline else None,
     )
 
 

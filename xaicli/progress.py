@@ -1,4 +1,8 @@
-"""Progress reporting: a rich bar on a terminal, plain log lines otherwise, nothing with --quiet."""
+"""Progress reporting: a rich bar on a terminal, plain log lines otherwise, nothing with --quiet.
+
+The same reporters count inputs explained (`xai explain/evaluate/run`) and heatmaps read (`xai
+analyze`): `choose(quiet, task="analyze", unit="heatmaps")`.
+"""
 from __future__ import annotations
 
 import sys
@@ -18,8 +22,8 @@ class Progress:
 class LogProgress(Progress):
     """One plain line every `every` seconds and at the end (for logs and CI)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, every: float = 5.0):
-        self.stream, self.every = stream, every
+    def __init__(self, stream: TextIO = sys.stderr, every: float = 5.0, task: str = "explain", unit: str = "inputs"):
+        self.stream, self.every, self.task, self.unit = stream, every, task, unit
         self.total = self.done = self.failed = 0
         self.t0 = self.last = time.monotonic()
 
@@ -27,7 +31,7 @@ class LogProgress(Progress):
         self.total, self.t0 = total, time.monotonic()
         self.last = self.t0
         extra = f" ({skipped} already done, skipped)" if skipped else ""
-        self.message(f"explaining {total} inputs{extra}")
+        self.message(f"{self.task} {total} {self.unit}{extra}")
 
     def advance(self, done: int, failed: int) -> None:
         self.done += done
@@ -42,7 +46,7 @@ class LogProgress(Progress):
         rate = self.done / elapsed if elapsed > 0 else 0.0
         left = self.total - self.done - self.failed
         eta = f", ETA {left / rate:.0f}s" if rate > 0 and left > 0 else ""
-        self.message(f"{self.done + self.failed}/{self.total} inputs, {self.failed} failed, {rate:.1f} images/s{eta}")
+        self.message(f"{self.done + self.failed}/{self.total} {self.unit}, {self.failed} failed, {rate:.1f} {self.unit}/s{eta}")
 
     def message(self, text: str) -> None:
         print(f"xai: {text}", file=self.stream, flush=True)
@@ -54,15 +58,15 @@ class LogProgress(Progress):
 class RichProgress(Progress):
     """A rich progress bar with images/s and ETA."""
 
-    def __init__(self) -> None:
+    def __init__(self, task: str = "explain", unit: str = "inputs") -> None:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
         self.console = Console(stderr=True)
         self.bar = Bar(
-            TextColumn("[bold]explain"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("failed {task.fields[failed]}"),
+            TextColumn(f"[bold]{task}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]:.1f} " + unit + "/s"), TextColumn("failed {task.fields[failed]}"),
             TimeRemainingColumn(), console=self.console, transient=False,
         )
         self.task = None
@@ -89,8 +93,8 @@ class RichProgress(Progress):
         self.bar.stop()
 
 
-def choose(quiet: bool = False) -> Progress:
+def choose(quiet: bool = False, task: str = "explain", unit: str = "inputs") -> Progress:
     """Rich on a terminal, log lines otherwise, silence when quiet."""
     if quiet:
         return Progress()
-    return RichProgress() if sys.stderr.isatty() else LogProgress()
+    return RichProgress(task, unit) if sys.stderr.isatty() else LogProgress(task=task, unit=unit)

@@ -53,6 +53,8 @@ FIELDS: tuple[Param, ...] = (
     Param("writers", dict, {"png": {}, "npz": {}}, "writer name -> parameters"),
     Param("metrics", dict, {}, "output name -> metric parameters (`metric:` defaults to the name)"),
     Param("thresholds", dict, {}, "metric output name -> {min: x} and/or {max: y}"),
+    Param("baseline", str, None, "an earlier `xai evaluate` output folder whose mean scores this evaluation is compared with"),
+    Param("max_regression", dict, {}, "metric (or method/metric) -> how much worse than the baseline its mean may get"),
     Param("masks", str, None, "folder of ground-truth masks (localisation metrics)"),
     Param("from_run", str, None, "an earlier `xai explain` output folder whose arrays `xai evaluate` scores"),
     Param("limits", dict, {}, "decode budgets per input: max_pixels, max_aspect, preview_pixels, inflight_bytes"),
@@ -148,6 +150,8 @@ class Recipe:
     writers: dict[str, dict[str, Any]]
     metrics: dict[str, dict[str, Any]]
     thresholds: dict[str, dict[str, float]]
+    baseline: str | None
+    max_regression: dict[str, float]
     masks: str | None
     from_run: str | None
     limits: dict[str, Any]
@@ -494,6 +498,8 @@ def _check_fields(data: dict, report: _Report) -> dict[str, Any]:
     for table, _, alias in _TABLES:
         values[table] = _plugin_table(values[table], table, alias, report)
     values["thresholds"] = _thresholds(values["thresholds"], values["metrics"], values["methods"], report)
+    values["max_regression"] = _regressions(values["max_regression"], values["baseline"], values["metrics"],
+                                            values["methods"], report)
     return values
 
 
@@ -614,6 +620,28 @@ def _thresholds(table: dict, metrics: dict, methods: dict, report: _Report) -> d
     return out
 
 
+def _regressions(table: dict, baseline: str | None, metrics: dict, methods: dict, report: _Report) -> dict[str, float]:
+    """`metric: delta` for every method, `method/metric: delta` for one; deltas ≥ 0; needs `baseline`."""
+    delta = Param("delta", float, 0.0, "", low=0.0)
+    out: dict[str, float] = {}
+    if table and baseline is None:
+        report.add("max_regression", "needs `baseline:` (the output folder of an earlier `xai evaluate`)")
+    if len(table) > MAX_ENTRIES:
+        report.add("max_regression", f"{len(table):,} entries; at most {MAX_ENTRIES}")
+        return out
+    for name, value in table.items():
+        key = f"max_regression.{name}"
+        parts = str(name).split("/")
+        metric = parts[1] if len(parts) > 1 and parts[0] in (methods or {}) else parts[0]
+        if metric not in metrics:
+            report.add(key, f"no metric output {metric!r} under metrics{did_you_mean(metric, metrics)}")
+        try:
+            out[str(name)] = delta.check(value)
+        except ValueError as exc:
+            report.add(key, str(exc))
+    return out
+
+
 def validate_plugins(recipe: Recipe, registry: Registry) -> dict[str, dict[str, Any]]:
     """Check plugin names and parameters against `registry`; return them resolved with defaults:
     {"methods": {out: {"method": name, **params}}, "metrics": {out: {"metric": name, **params}},
@@ -695,7 +723,7 @@ def dump_recipe(recipe: Recipe, folder: str | Path | None = None) -> str:
 
 def _map_paths(values: dict[str, Any], fn: Callable[[str, str], str]) -> None:
     """Replace every path value of a checked recipe mapping by fn(path, key path), in place."""
-    for key in ("labels", "output", "masks", "from_run", "target"):
+    for key in ("labels", "output", "masks", "from_run", "baseline", "target"):
         if isinstance(values.get(key), str):
             values[key] = fn(values[key], key)
     if isinstance(values.get("model"), str) and not _SCHEME.match(values["model"]):

@@ -10,13 +10,13 @@ from typing import Iterable
 import pluggy
 
 from . import hookspecs
-from .descriptors import Loader, Method, Metric, Writer
+from .descriptors import Analysis, Loader, Method, Metric, Writer
 from .errors import UsageError
 from .suggest import did_you_mean
 
 KINDS = {
     "loader": "xai_loaders", "method": "xai_methods", "metric": "xai_metrics", "writer": "xai_writers",
-    "engine": "xai_engines",
+    "engine": "xai_engines", "analysis": "xai_analyses",
 }
 
 
@@ -63,6 +63,9 @@ class Registry:
 
     def writer(self, name: str) -> Writer:
         return self.get("writer", name)  # type: ignore[return-value]
+
+    def analysis(self, name: str) -> Analysis:
+        return self.get("analysis", name)  # type: ignore[return-value]
 
     def loader_for(self, spec: str) -> Loader:
         """The first loader (in name order) that claims `spec`."""

@@ -124,7 +124,7 @@ def run_plan(plan: Plan, progress: Progress | None = None) -> RunResult:
         writers = _open_writers(plan, model, out_dir, record)
         todo = _todo(plan, model, out_dir, items, writers)
         record.counts["skipped"] = len(items) - len(todo)
-        job = Job(plan, todo, targets, model=model)
+        job = Job(plan, todo, targets, model=model, out_dir=out_dir.resolve())
         timings = {"load": time.perf_counter() - t0}
         interrupted, storage = _loop(plan, job, writers, record, progress)
         timings["loop"] = time.perf_counter() - t0 - timings["load"]
@@ -172,7 +172,7 @@ def _loop(plan: Plan, job: Job, writers: Writers, record: Record, progress: Prog
             for result in plan.engine.plugin.run(job):
                 record.add(result)
                 for output in result.outputs:
-                    writers.submit(output)
+                    writers.submit(output, skip=result.written)
                 progress.advance(result.done, result.failed)
             writers.drain()
         except KeyboardInterrupt:
@@ -194,10 +194,10 @@ def _finish(plan: Plan, model: Model, out_dir: Path, items: list[InputItem], job
     info = manifest(plan, model, inputs=len(items), counts=dict(record.counts), interrupted=interrupted,
                     timings=timings, scores=scores, devices=[str(d) for d in job.devices],
                     batch_size=job.batch_size, chunks=dict(sorted(record.chunks.items())))
-    steps = [
-        lambda: writers.close(info),
+    steps = [  # errors.jsonl first: a writer closing over the folder (the report) reads it
         lambda: atomic_write_bytes(out_dir / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode(),
                                    root=out_dir),
+        lambda: writers.close(info),
         lambda: atomic_write_json(out_dir / "run.json", info, root=out_dir),
     ]
     if storage:

@@ -152,11 +152,12 @@ def _pair(value: float, limit: float) -> tuple[str, str]:
 
 def junit_xml(
     summary: Mapping[str, Any], thresholds: Mapping[str, Mapping[str, float]], violations: Sequence[Violation],
-    time: float = 0.0, name: str = "xai evaluate",
+    time: float = 0.0, name: str = "xai evaluate", regressions: Sequence[Any] = (),
 ) -> str:
     """JUnit XML: one testsuite, one testcase per method × metric (classname `xai.<method>`, name the
     metric key; details keys only when thresholded), a <failure> per violation; the statistics are in
-    each case's <system-out>. Unthresholded cases pass: they record the scores."""
+    each case's <system-out>. Unthresholded cases pass: they record the scores. Each regression check
+    against a baseline (`xaicli.baseline.Change` with a tolerance) is a case `<metric> vs baseline`."""
     stats = summary.get("metrics", {})
     keys = [k for k in stats if "/" not in k or _thresholded(k, thresholds)]
     cases: dict[tuple[str, str], list[Violation]] = {(m, k): [] for k in keys for m in stats[k]["methods"]}
@@ -171,6 +172,14 @@ def junit_xml(
         entry = stats.get(metric, {}).get("methods", {}).get(method)
         if entry:
             ET.SubElement(case, "system-out").text = " ".join(f"{k}={_show(entry[k])}" for k in ("mean", "std", "median", "n", "n_nan"))
+    for change in regressions:
+        case = ET.SubElement(suite, "testcase", classname=f"xai.{change.method}", name=f"{change.metric} vs baseline", time="0")
+        if change.regressed:
+            ET.SubElement(case, "failure", message=change.reason, type="regression").text = change.reason
+        ET.SubElement(case, "system-out").text = change.reason
+    failed = sum(1 for v in cases.values() if v) + sum(1 for c in regressions if c.regressed)
+    suite.set("tests", str(len(cases) + len(regressions)))
+    suite.set("failures", str(failed))
     root = ET.Element("testsuites", name="xai", tests=suite.get("tests"), failures=suite.get("failures"), errors="0",
                       time=suite.get("time"))
     root.append(suite)

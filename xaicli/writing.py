@@ -29,13 +29,16 @@ class Writers:
         paths = [p for sink in self.sinks.values() for out in outputs for p in sink.expected(item, out)]
         return bool(paths) and all(p.exists() for p in paths)
 
-    def submit(self, batch: BatchOutput) -> None:
+    def submit(self, batch: BatchOutput, skip: Sequence[str] = ()) -> None:
+        """Queue a batch for every sink but those in `skip` (an engine's worker wrote their files)."""
         while len(self.pending) >= WRITER_QUEUE:
             self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self._write, batch))
+        self.pending.append(self.pool.submit(self._write, batch, tuple(skip)))
 
-    def _write(self, batch: BatchOutput) -> None:
+    def _write(self, batch: BatchOutput, skip: tuple[str, ...]) -> None:
         for name, sink in self.sinks.items():
+            if name in skip:
+                continue
             try:
                 sink.write(batch)
             except Exception as exc:  # a bad path fails these inputs, not the run

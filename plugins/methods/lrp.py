@@ -19,9 +19,11 @@ from torch import fx
 
 from xaicli import Attribution, Method, Param, hookimpl
 from xaicli.errors import UsageError
-from xaicli.imaging import normalised_value
 from xaicli.lrp import (COMPOSITES, LRP, KINDS, Settings, UnknownLayer, composite, parse_rules_by_name,
                         parse_rules_by_type)
+from xaicli.lrp.options import mapping as _mapping
+from xaicli.lrp.options import names as _names
+from xaicli.lrp.options import settings as _settings
 from xaicli.model import Model
 from xaicli.rng import BatchRNG
 
@@ -41,39 +43,6 @@ def lrp(model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, comp
     result = engine(x, target)
     extras = {f"relevance:{name}": value for name, value in result.recorded.items()}
     return Attribution(result.relevance, extras)
-
-
-def _settings(model: Model, epsilon: float, gamma: float, low: Any, high: Any) -> Settings:
-    spec = model.spec
-    if low is None:
-        low = normalised_value(spec, 0.0)
-    if high is None:
-        high = normalised_value(spec, 1.0)
-    as_bound = lambda v: tuple(float(e) for e in v) if isinstance(v, (list, tuple)) else float(v)  # noqa: E731
-    for name, value in (("low", low), ("high", high)):
-        if isinstance(value, (list, tuple)) and len(value) not in (1, spec.channels):
-            raise UsageError(f"lrp {name}: give one value or one per input channel ({spec.channels}); got {len(value)}")
-    try:
-        return Settings(epsilon=epsilon, gamma=gamma, low=as_bound(low), high=as_bound(high))
-    except ValueError as exc:
-        raise UsageError(f"lrp: {exc}") from None
-
-
-def _mapping(value: dict | str | None, what: str) -> dict[str, str]:
-    """A mapping, or the command-line form "conv=gamma:0.25 linear=epsilon" (pairs split by spaces or ';')."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, dict):
-        return {str(k): v for k, v in value.items()}
-    pairs = [p for p in value.replace(";", " ").split() if p]
-    bad = [p for p in pairs if "=" not in p]
-    if bad:
-        raise UsageError(f"lrp {what}: expected KEY=RULE pairs such as conv=gamma:0.25; got {bad[0]!r}")
-    return dict(p.split("=", 1) for p in pairs)
-
-
-def _names(value: list | str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else [str(v) for v in value]
 
 
 def _engine(model: Model, name: str, settings: Settings, by_type: dict[str, str], by_name: dict[str, str],

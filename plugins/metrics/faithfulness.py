@@ -5,7 +5,8 @@ Pixel flipping, region perturbation, selectivity, faithfulness correlation and R
 in chunks of at most `max_batch` images. Relevance is summed over channels and pixels are removed
 in all channels at once (see shared.py). Curves are summarised by their trapezoid area over an x axis
 scaled to [0, 1], i.e. Quantus' `calculate_auc(curve) / (len(curve) - 1)`, so that scores do not
-depend on the number of steps.
+depend on the number of steps. Pixel flipping and region perturbation also report their curves, point
+by point, as details `<metric>/curve_<k>` (what the HTML report plots).
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def pixel_flipping(
         gone = (rank[b] < (step * per_step)[:, None]).view(-1, 1, H, W)
         return torch.where(gone, base[b], x[b])
 
-    curve = stream_scores(model, flipped, B * n, target.repeat_interleave(n), softmax, max_batch, "pixel_flipping")
-    return curve_area(curve.view(B, n))
+    curve = stream_scores(model, flipped, B * n, target.repeat_interleave(n), softmax, max_batch, "pixel_flipping").view(B, n)
+    keep_curve(ctx, curve)
+    return curve_area(curve)
 
 
 def _patch_curve(
@@ -97,6 +99,7 @@ def region_perturbation(
     curve = _patch_curve(model, x, target, relevance, patch_size, regions, order == "morf", baseline,
                          softmax, normalise, abs, max_batch, "region_perturbation")
     drop = target_scores(model, x, target, softmax, max_batch)[:, None] - curve
+    keep_curve(ctx, drop)
     area = curve_area(drop)
     return area if order == "morf" else -area
 
@@ -174,6 +177,14 @@ def road(
         return model(imputed(start, stop)).argmax(1) == target.to(x.device)[rows // n]
 
     return torch.cat(chunked(kept, B * n, max_batch, key="road", device=x.device)).view(B, n).float().mean(1)
+
+
+def keep_curve(ctx: MetricContext, curve: torch.Tensor) -> None:
+    """Each point of the curves [B, n] as a detail `curve_<k>` (x = k / (n - 1) of the removal):
+    summary.json gets the mean curve per method (what the report plots); metrics.csv keeps scores only."""
+    width = len(str(curve.shape[1] - 1))
+    for k in range(curve.shape[1]):
+        ctx.details[f"curve_{k:0{width}d}"] = curve[:, k]
 
 
 def _common(softmax: bool, normalise: bool = True, abs: bool = False) -> tuple[Param, ...]:

@@ -1,6 +1,7 @@
 """The `npz` writer: one array file per input and method output, `arrays/<output>/<stem>.npz`.
 
-Keys: relevance (float32 CxHxW), target (int64), logit and prob (float32), method, output and
+Keys: relevance (float32 CxHxW), target (int64), logit and prob (float32), predicted (int64, the
+model's top class), method, output and
 params (JSON) as unicode strings, the method's extras (this input's row), and with `inputs: true`
 the preprocessed model input `input` (float32 CxHxW). Everything loads with allow_pickle=False.
 """
@@ -22,7 +23,7 @@ PARAMS = (
     Param("compress", bool, False, "zip-deflate the arrays: float relevance shrinks ~10 % for ~15 ms of CPU per "
           "224×224×3 array, so it is off by default"),
 )
-KEYS = ("relevance", "target", "logit", "prob", "method", "output", "params", "input")
+KEYS = ("relevance", "target", "logit", "prob", "method", "output", "params", "input", "predicted")
 RESERVED = KEYS + ("file", "allow_pickle")  # np.savez's own argument names cannot be extras either
 
 
@@ -57,6 +58,8 @@ class NpzSink:
             "output": np.asarray(batch.output, dtype=np.str_),
             "params": np.asarray(params, dtype=np.str_),
         }
+        if batch.predicted is not None:
+            arrays["predicted"] = np.asarray(batch.predicted[i], dtype=np.int64)
         if self.inputs:
             arrays["input"] = np.asarray(batch.inputs[i], dtype=np.float32)
         for key, values in batch.extras.items():
@@ -76,4 +79,5 @@ def open_npz(ctx: WriterContext, inputs: bool = False, compress: bool = False) -
 
 @hookimpl
 def xai_writers() -> list[Writer]:
-    return [Writer("npz", "relevance and predictions as arrays, arrays/<output>/<input>.npz", open_npz, PARAMS)]
+    return [Writer("npz", "relevance and predictions as arrays, arrays/<output>/<input>.npz", open_npz, PARAMS,
+                   per_input=True)]

@@ -12,6 +12,7 @@ from xaicli import Param, Writer, hookimpl
 from xaicli.descriptors import BatchOutput, InputItem, WriterContext
 from xaicli.errors import UsageError
 from xaicli.io import atomic_write
+from xaicli.concepts.grid import concept_grid
 from xaicli.model import InputSpec
 from xaicli.render import REDUCTIONS, Colormap, colormap, denormalise, normalise, overlay, to_original
 
@@ -49,6 +50,9 @@ class PngSink:
         return [self.out_dir / "heatmaps" / output / f"{item.stem}.png"]
 
     def write(self, batch: BatchOutput) -> None:
+        if batch.relevance.ndim == 5:  # one heatmap per concept (crp): a labelled grid at input size
+            self._write_concepts(batch)
+            return
         values, zero = normalise(batch.relevance, self.symmetric, self.reduce, self.level)
         if self.size == "input":
             pictures = self.cmap(values)
@@ -62,6 +66,16 @@ class PngSink:
             image = batch.images[i]
             picture = self.cmap(to_original(values[i], batch.resized[i], batch.crops[i], image.shape[:2], fill=zero[i]))
             self._save(item, batch.output, overlay(image, picture, self.alpha) if self.overlay else picture)
+
+    def _write_concepts(self, batch: BatchOutput) -> None:
+        images = denormalise(batch.inputs, self.spec.mean, self.spec.std) if self.overlay and self.spec else None
+        for i, item in enumerate(batch.items):
+            k = batch.relevance.shape[1]
+            concepts = batch.extras.get("concepts", np.tile(np.arange(k), (len(batch.items), 1)))[i]
+            share = batch.extras.get("concept_relevance", np.zeros((len(batch.items), k)))[i]
+            grid = concept_grid(batch.relevance[i], concepts, share, self.cmap, self.symmetric, self.reduce,
+                                self.level, images[i] if images is not None else None, self.alpha)
+            self._save(item, batch.output, grid)
 
     def _save(self, item: InputItem, output: str, picture: np.ndarray) -> None:
         save = lambda fh: Image.fromarray(picture).save(fh, format="PNG", compress_level=PNG_LEVEL)  # noqa: E731
@@ -85,4 +99,4 @@ def open_png(ctx: WriterContext, **params: Any) -> PngSink:
 
 @hookimpl
 def xai_writers() -> list[Writer]:
-    return [Writer("png", "heatmap pictures, heatmaps/<output>/<input>.png", open_png, PARAMS)]
+    return [Writer("png", "heatmap pictures, heatmaps/<output>/<input>.png", open_png, PARAMS, per_input=True)]

@@ -8,6 +8,8 @@ What `close(run)` reads from the run manifest:
 - `run["metrics"]`: metric output name -> {"higher_is_better": bool, ...} (or a bool) — rankings;
 - `run["thresholds"]`: key -> {"min": x} and/or {"max": y} — junit failures, violations in summary.json;
 - `run["timings"]["total"]`: seconds — junit's `time`;
+- `run["baseline"]`: {"path": an earlier evaluation's folder, "max_regression": {key: delta}} or None —
+  the comparison with its summary.json (summary.json, summary.md, a junit case per checked pair);
 - `run["recipe"]["overwrite"]`: when false, rows of an earlier metrics.csv in the folder are kept for
   the (input, method) pairs this run did not score again (a resumed run skipped them).
 """
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from xaicli import Writer, hookimpl
+from xaicli.baseline import Change, compare, read_baseline
 from xaicli.data import escaped
 from xaicli.descriptors import BatchOutput, InputItem
 from xaicli.io import TEMP_SUFFIX, atomic_write_bytes, storage_errors
@@ -39,6 +42,11 @@ def batch_rows(batch: BatchOutput) -> list[Row]:
         for i, item in enumerate(batch.items)
         for metric, values in batch.scores.items()
     ]
+
+
+def is_curve_point(key: str) -> bool:
+    """`pixel_flipping/curve_07`: a point of a metric's curve, summarised (mean curve) but not a score."""
+    return key.rpartition("/")[2].startswith("curve_")
 
 
 def read_rows(path: Path) -> Iterator[Row]:
@@ -76,7 +84,7 @@ class MetricsCsvSink:
         return []
 
     def write(self, batch: BatchOutput) -> None:
-        rows = batch_rows(batch)
+        rows = [row for row in batch_rows(batch) if not is_curve_point(row[2])]  # scores only; curves: summary.json
         with self.lock:
             self.write_rows([(i, m, k, repr(s)) for i, m, k, s in rows])
             self.scored.update((escaped(item.relpath), batch.output) for item in batch.items)
@@ -145,10 +153,14 @@ class SummarySink(_Collector):
         summary = summarize(self.rows(run), run.get("metrics", {}))
         thresholds = run.get("thresholds") or {}
         violations = check_thresholds(summary, thresholds) if thresholds else []
+        changes = _changes(summary, run)
         data = {**summary, "thresholds": thresholds, "violations": [v.reason for v in violations]}
+        if run.get("baseline"):
+            data["baseline"] = {**run["baseline"], "changes": [_change_record(c) for c in changes],
+                                "regressions": [c.reason for c in changes if c.regressed]}
         text = json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
         atomic_write_bytes(self.out_dir / "summary.json", text.encode(), root=self.out_dir)
-        text = markdown(summary, [v.reason for v in violations])
+        text = markdown(summary, [v.reason for v in violations], changes)
         atomic_write_bytes(self.out_dir / "summary.md", text.encode(), root=self.out_dir)
 
 
@@ -160,17 +172,43 @@ class JunitSink(_Collector):
         thresholds = run.get("thresholds") or {}
         violations = check_thresholds(summary, thresholds)
         seconds = float(run.get("timings", {}).get("total", 0.0))
-        xml = junit_xml(summary, thresholds, violations, seconds)
+        checks = [c for c in _changes(summary, run) if c.tolerance is not None]
+        xml = junit_xml(summary, thresholds, violations, seconds, regressions=checks)
         atomic_write_bytes(self.out_dir / "junit.xml", xml.encode(), root=self.out_dir)
 
 
-def markdown(summary: dict[str, Any], violations: list[str]) -> str:
-    """Human-readable summary: a table per metric (methods best first), then one table of means per
-    metric with details (`mprt/<layer>` rows, a column per method)."""
+def _changes(summary: dict[str, Any], run: dict[str, Any]) -> list[Change]:
+    """This run's means against the baseline's (none without a baseline)."""
+    baseline = run.get("baseline")
+    if not baseline:
+        return []
+    return compare(summary, read_baseline(baseline["path"]), baseline.get("max_regression") or {}, summary["methods"])
+
+
+def _change_record(change: Change) -> dict[str, Any]:
+    return {"method": change.method, "metric": change.metric, "baseline": change.old, "new": change.new,
+            "change": change.change, "worse": change.worse, "tolerance": change.tolerance, "regressed": change.regressed}
+
+
+def markdown(summary: dict[str, Any], violations: list[str], changes: list[Change] = ()) -> str:
+    """Human-readable summary: regressions and the comparison with a baseline when there is one, a
+    table per metric (methods best first), then one table of means per metric with details
+    (`mprt/<layer>` rows, a column per method)."""
     out = io.StringIO()
     out.write("# Metric summary\n")
     if violations:
         out.write("\n**Threshold violations**\n\n" + "".join(f"- {v}\n" for v in violations))
+    regressions = [c.reason for c in changes if c.regressed]
+    if regressions:
+        out.write("\n**Regressions against the baseline**\n\n" + "".join(f"- {r}\n" for r in regressions))
+    if changes:
+        out.write("\n## Compared with the baseline\n\n| method | metric | baseline | new | change | allowed | verdict |\n"
+                  "|---|---|---|---|---|---|---|\n")
+        for c in changes:
+            verdict = ("regressed" if c.regressed else "ok") if c.tolerance is not None else "–"
+            change = "–" if c.change is None else f"{c.change:+.4g}"
+            cells = [c.method, c.metric, _num(c.old), _num(c.new), change, _num(c.tolerance), verdict]
+            out.write("| " + " | ".join(map(str, cells)) + " |\n")
     metrics = summary["metrics"]
     for metric, entry in metrics.items():
         if "/" in metric:
@@ -182,9 +220,9 @@ def markdown(summary: dict[str, Any], violations: list[str]) -> str:
             s = entry["methods"][method]
             cells = [s["rank"] or "–", method, *(_num(s[k]) for k in ("mean", "std", "median")), s["n"], s["n_nan"]]
             out.write("| " + " | ".join(map(str, cells)) + " |\n")
-    parents = dict.fromkeys(k.split("/")[0] for k in metrics if "/" in k)
+    parents = dict.fromkeys(k.split("/")[0] for k in metrics if "/" in k and not is_curve_point(k))
     for parent in parents:
-        keys = [k for k in metrics if k.startswith(parent + "/")]
+        keys = [k for k in metrics if k.startswith(parent + "/") and not is_curve_point(k)]
         methods = list(dict.fromkeys(m for k in keys for m in metrics[k]["methods"]))
         out.write(f"\n## {parent} details (mean per method)\n\n| detail | " + " | ".join(methods) + " |\n")
         out.write("|---" * (len(methods) + 1) + "|\n")

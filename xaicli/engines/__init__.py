@@ -41,6 +41,7 @@ class Job:
     model: Model | None = None  # the orchestration's model on devices[0]: the first replica uses it
     stop: threading.Event = field(default_factory=threading.Event)
     sizer: ChunkSizer = field(default_factory=ChunkSizer)  # chunk sizes learned per method/metric and device
+    out_dir: Path | None = None  # the run's output folder (absolute), for workers that write files themselves
 
     @property
     def batch_size(self) -> int:

@@ -7,13 +7,14 @@ The job's inputs (path, relpath, stem) become a Ray dataset; `map_batches` hands
 actor; one GPU per actor when the cluster has GPUs, else one CPU). An actor decodes its inputs
 itself, so the inputs must be readable at the same path on every node, and so must the model file.
 
-Results travel back whole: an actor returns its batch's `BatchResult` (arrays included) and the
-driver writes it through the run's writers, as with the local engine. Outputs are then identical by
-construction (one writer protocol, one place that writes, resume and errors.jsonl untouched), and
-the output folder needs to exist only where the driver runs. The price is that every array crosses
-the network once and the driver encodes every file: `bench/bench_engines.py` measures that cost per
-image; it bounds throughput only when a batch computes faster than the driver writes it (cheap
-methods on many GPUs), where actors writing their own files to a shared filesystem would scale further.
+Who writes (`write`): by default the actors write the per-input files (png, npz: writers with
+`per_input`) themselves, into the output folder, which must then be the same path on every node (a
+shared filesystem, as for the inputs), and send back only predictions, scores and failures. The
+driver keeps what spans the run (resume, errors.jsonl, metrics, run.json). With `write: driver` every
+array travels to the driver, which writes all files: the output folder then needs to exist only
+there, but the driver encodes every file, which bounds a large cluster running cheap methods
+(`bench/bench_engines.py` measures both costs). The files are the same either way: the same sinks
+write them from the same arrays.
 
 Fault tolerance is Ray Data's: actors of the pool restart after their process or node dies and the
 batch they were running is retried on a live actor (`max_restarts=-1`, `max_task_retries=-1`, its
@@ -24,6 +25,7 @@ without end (Ray Data's default); Ctrl-C stops such a run.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 from pathlib import Path
@@ -32,10 +34,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..compute import BatchResult
+from ..compute import BatchResult, describe
 from ..data import Failed
-from ..descriptors import Engine, InputItem
-from ..errors import UsageError
+from ..descriptors import BatchOutput, Engine, InputItem, Sink, WriterContext
+from ..errors import StorageError, UsageError
 from ..hookspecs import hookimpl
 from ..params import Param
 from ..plan import Plan
@@ -54,7 +56,7 @@ def run(job: Job) -> Iterator[BatchResult]:
     quiet.setLevel(logging.ERROR)
     try:
         if job.items:
-            yield from _run(ray, job, params["actors"])
+            yield from _run(ray, job, params["actors"], params["write"] == "actors")
     finally:
         quiet.setLevel(level)
         if started:
@@ -85,14 +87,16 @@ def _connect(ray: Any, address: str | None) -> bool:
     return True
 
 
-def _run(ray: Any, job: Job, actors: int | None) -> Iterator[BatchResult]:
+def _run(ray: Any, job: Job, actors: int | None, actors_write: bool) -> Iterator[BatchResult]:
     """Stream the job's inputs through the actor pool; yield each batch's results once."""
     gpu = _wants_gpu(job.plan, ray.cluster_resources())
     size = job.batch_size
     rows = [{"path": str(item.path), "relpath": item.relpath, "stem": item.stem} for item in job.items]
     data = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // size)))
     data = data.map_batches(
-        _Worker, fn_constructor_kwargs={"plan": job.plan, "gpu": gpu}, batch_size=size, batch_format="numpy",
+        _Worker, fn_constructor_kwargs={"plan": job.plan, "gpu": gpu,
+                                        "out_dir": str(job.out_dir) if actors_write and job.out_dir else None},
+        batch_size=size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors or _pool_size(ray.cluster_resources(), gpu)),
         **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
     )
@@ -102,6 +106,8 @@ def _run(ray: Any, job: Job, actors: int | None) -> Iterator[BatchResult]:
     results = iter(data.iter_rows())
     try:
         for row in _rows(results):
+            if row["storage"]:  # an actor's write hit a full or read-only disk: the run stops, a rerun resumes
+                raise StorageError(row["storage"])
             result: BatchResult = pickle.loads(row["result"])
             inputs = {item.relpath for item in result.items}
             if seen.isdisjoint(inputs):  # a retried batch that also came back earlier is kept once
@@ -144,19 +150,48 @@ def _pool_size(resources: dict[str, float], gpu: bool) -> int:
 
 
 class _Worker:
-    """A Ray Data actor: one Replica, decoding and computing the batches it is handed."""
+    """A Ray Data actor: one Replica, decoding and computing the batches it is handed, and writing
+    their per-input files when given the output folder."""
 
-    def __init__(self, plan: Plan, gpu: bool):
+    def __init__(self, plan: Plan, gpu: bool, out_dir: str | None):
         device = torch.device("cuda", 0) if gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES per actor
         self.replica = Replica(plan, device)
+        self.sinks: dict[str, Sink] = {}
+        if out_dir is not None:
+            model = self.replica.model
+            ctx = WriterContext(out_dir=Path(out_dir), labels=model.labels, spec=model.spec)
+            self.sinks = {name: call.plugin.open(ctx, **call.params)
+                          for name, call in plan.writers.items() if call.plugin.per_input}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = [InputItem(Path(p), str(r), str(s)) for p, r, s in zip(batch["path"], batch["relpath"], batch["stem"])]
         decoded, failed = self.replica.decode(items)
         result = self.replica(decoded) if decoded else BatchResult([])
         whole = BatchResult(items, outputs=result.outputs, failures=failed + result.failures, chunks=result.chunks)
+        storage = self._write(whole) if self.sinks else ""
         blob = pickle.dumps(whole, protocol=pickle.HIGHEST_PROTOCOL)
-        return {"result": np.array([blob], dtype=object)}
+        return {"result": np.array([blob], dtype=object), "storage": np.array([storage], dtype=object)}
+
+    def _write(self, result: BatchResult) -> str:
+        """Write the per-input files here and drop the arrays from `result`; a write that fails fails
+        its inputs. Returns the cause when the disk itself failed (the run must stop), else ''."""
+        for output in result.outputs:
+            for name, sink in self.sinks.items():
+                try:
+                    sink.write(output)
+                except StorageError as exc:
+                    return str(exc)
+                except Exception as exc:  # a bad path fails these inputs, as the driver's writers do
+                    result.failures += [Failed(item, f"write ({name})", describe(exc)) for item in output.items]
+        result.written = tuple(self.sinks)
+        result.outputs = [_without_arrays(output) for output in result.outputs]
+        return ""
+
+
+def _without_arrays(output: BatchOutput) -> BatchOutput:
+    """What the driver still needs of a written batch: items, predictions and scores."""
+    empty = np.empty(0, dtype=np.float32)
+    return dataclasses.replace(output, inputs=empty, images=[], relevance=empty, extras={})
 
 
 def _first_line(exc: BaseException) -> str:
@@ -168,6 +203,8 @@ PARAMS = (
     Param("address", str, None, "the Ray cluster to join: auto (the one this machine belongs to), ray://HOST:PORT; "
                                 "unset starts a local Ray for this run"),
     Param("actors", int, None, "model replicas (Ray actors); unset: one per GPU of the cluster, else one per CPU", low=1),
+    Param("write", str, "actors", "who writes the per-input files: actors (into the output folder, shared by every "
+                                  "node) or driver (every array travels to the driver)", choices=("actors", "driver")),
 )
 
 

@@ -8,7 +8,7 @@ autograd sums gradients. Everything is batched; nothing loops over samples.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -36,11 +36,12 @@ class Step:
 
 @dataclass
 class Result:
-    """Input relevance [B, ...], the logits [B, K], and relevance recorded at named layers."""
+    """Input relevance [B, ...], the logits [B, K], and relevance and outputs (activations) of named layers."""
 
     relevance: torch.Tensor
     logits: torch.Tensor
     recorded: dict[str, torch.Tensor]
+    activations: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class UnknownLayer(ValueError):
@@ -85,7 +86,14 @@ class LRP:
         # a layer no relevance reached (a branch the target does not use) has zero relevance
         recorded = {name: found[node].contiguous() if node in found else torch.zeros_like(env[node]).contiguous()
                     for name, node in self.record.items()}
-        return Result((relevance if relevance is not None else torch.zeros_like(x)).contiguous(), logits, recorded)
+        activations = {name: env[node] for name, node in self.record.items()}
+        return Result((relevance if relevance is not None else torch.zeros_like(x)).contiguous(), logits, recorded,
+                      activations)
+
+    def forward(self, x: torch.Tensor) -> tuple[dict[fx.Node, Any], dict[fx.Node, Call]]:
+        """The forward half of `__call__` (layout included): every node's value and each rule's Call,
+        for callers that run their own backward sweep over `steps` (xaicli.concepts' conditional LRP)."""
+        return self._forward(_channels_last(x) if self.channels_last else x)
 
     def rules(self) -> list[tuple[str, str, str]]:
         """(node name, kind, rule name) for every compute node, in graph order."""
