@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import yaml
 from yaml.constructor import SafeConstructor
@@ -593,15 +593,7 @@ def _thresholds(table: dict, metrics: dict, methods: dict, report: _Report) -> d
     """`metric` applies to every method, `method/metric` to one; `mprt/layer3` names a detail of mprt."""
     bound = Param("bound", float, 0.0, "")
     out: dict[str, dict[str, float]] = {}
-    if len(table) > MAX_ENTRIES:
-        report.add("thresholds", f"{len(table):,} entries; at most {MAX_ENTRIES}")
-        return out
-    for name, bounds in table.items():
-        key = f"thresholds.{name}"
-        parts = str(name).split("/")
-        metric = parts[1] if len(parts) > 1 and parts[0] in (methods or {}) else parts[0]
-        if metric not in metrics:
-            report.add(key, f"no metric output {metric!r} under metrics{did_you_mean(metric, metrics)}")
+    for name, key, bounds in _metric_entries(table, "thresholds", metrics, methods, report):
         if not isinstance(bounds, dict) or not bounds:
             report.add(key, f"expected {{min: x}} and/or {{max: y}}; got {_kind(bounds)}")
             continue
@@ -620,21 +612,28 @@ def _thresholds(table: dict, metrics: dict, methods: dict, report: _Report) -> d
     return out
 
 
+def _metric_entries(table: dict, where: str, metrics: dict, methods: dict, report: _Report) -> Iterator[tuple[Any, str, Any]]:
+    """(name, key path, value) of a table keyed by `metric` or `method/metric`; names that are no
+    metric output of the recipe are reported; more than MAX_ENTRIES entries yield nothing."""
+    if len(table) > MAX_ENTRIES:
+        report.add(where, f"{len(table):,} entries; at most {MAX_ENTRIES}")
+        return
+    for name, value in table.items():
+        key = f"{where}.{name}"
+        parts = str(name).split("/")
+        metric = parts[1] if len(parts) > 1 and parts[0] in (methods or {}) else parts[0]
+        if metric not in metrics:
+            report.add(key, f"no metric output {metric!r} under metrics{did_you_mean(metric, metrics)}")
+        yield name, key, value
+
+
 def _regressions(table: dict, baseline: str | None, metrics: dict, methods: dict, report: _Report) -> dict[str, float]:
     """`metric: delta` for every method, `method/metric: delta` for one; deltas ≥ 0; needs `baseline`."""
     delta = Param("delta", float, 0.0, "", low=0.0)
     out: dict[str, float] = {}
     if table and baseline is None:
         report.add("max_regression", "needs `baseline:` (the output folder of an earlier `xai evaluate`)")
-    if len(table) > MAX_ENTRIES:
-        report.add("max_regression", f"{len(table):,} entries; at most {MAX_ENTRIES}")
-        return out
-    for name, value in table.items():
-        key = f"max_regression.{name}"
-        parts = str(name).split("/")
-        metric = parts[1] if len(parts) > 1 and parts[0] in (methods or {}) else parts[0]
-        if metric not in metrics:
-            report.add(key, f"no metric output {metric!r} under metrics{did_you_mean(metric, metrics)}")
+    for name, key, value in _metric_entries(table, "max_regression", metrics, methods, report):
         try:
             out[str(name)] = delta.check(value)
         except ValueError as exc:
