@@ -209,7 +209,8 @@ def test_an_interrupted_ray_run_resumes_with_either_engine(cluster, digits, inpu
     first = manifest(out)
     assert first["interrupted"] is True
     finished = {p: p.stat().st_mtime_ns for p in out.rglob("*.npz")}
-    assert 0 < len(finished) < 20 and first["counts"]["done"] == len(finished)
+    assert 0 < len(finished) < 20 and first["counts"]["done"] == len(finished)  # a file exactly for each input done
+    assert not (out / ".xai" / "staging").exists()  # what actors staged for batches never taken is gone
     for name, engine_ in (("local", {"name": "local"}), ("ray", engine)):
         again = tmp_path / name
         shutil.copytree(out, again)
@@ -257,9 +258,10 @@ def test_an_actor_write_failure_fails_its_inputs_and_a_full_disk_stops_the_run()
     output = BatchOutput("saliency", "saliency", {}, items, zeros, [], [], [], np.zeros(2, np.int64),
                          np.zeros(2, np.float32), np.zeros(2, np.float32), zeros, scores={"m": np.ones(2)})
     worker = _Worker.__new__(_Worker)
-    worker.sinks = {"png": _FailingSink(ValueError("cannot encode"))}
+    worker.sinks, worker.staging = {"png": _FailingSink(ValueError("cannot encode"))}, Path("/out/.xai/staging/a")
     result = BatchResult(items, outputs=[output])
     assert worker._write(result) == ""
+    assert result.staged == "/out/.xai/staging/a"
     assert [(f.item.relpath, f.stage, f.cause) for f in result.failures] == [
         (f"{i}.png", "write (png)", "ValueError: cannot encode") for i in range(2)]
     assert result.written == ("png",) and result.outputs[0].relevance.size == 0  # arrays stay on the actor

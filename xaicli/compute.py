@@ -50,7 +50,8 @@ class BatchResult:
     outputs: list[BatchOutput] = field(default_factory=list)
     failures: list[Failed] = field(default_factory=list)
     chunks: dict[str, int] = field(default_factory=dict)  # chunk sizes its replica has chosen so far
-    written: tuple[str, ...] = ()  # writers whose files the engine's worker wrote already
+    written: tuple[str, ...] = ()  # writers whose files the engine's worker staged (see xaicli.writing.Writers.adopt)
+    staged: str | None = None  # the folder the worker staged them in, laid out like the output folder
 
     @property
     def failed(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -135,8 +136,15 @@ class OutputLock:
             self.fd = None
 
 
+def staging_dir(out_dir: Path) -> Path:
+    """Where engine workers stage the files of a batch until the run takes its results (`.xai/staging`)."""
+    return out_dir / ".xai" / "staging"
+
+
 def remove_temporaries(out_dir: Path) -> int:
-    """Delete temporary files (`*.xai.tmp`) that killed runs left in `out_dir`; call it holding the lock."""
+    """Delete temporary files (`*.xai.tmp`) and staged files that killed or interrupted runs left in
+    `out_dir`; call it holding the lock."""
+    shutil.rmtree(staging_dir(out_dir), ignore_errors=True)
     removed = 0
     for folder, _, files in os.walk(out_dir):
         for name in files:

@@ -9,6 +9,7 @@ flight with every file whole; a full disk stops the run the same way (exit code 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import threading
 import time
@@ -24,7 +25,7 @@ from .errors import StorageError
 from .io import atomic_write_bytes, atomic_write_json
 from .manifest import manifest, threshold_violations
 from .model import Model
-from .outdir import OutputLock, prepare_output_dir, remove_temporaries
+from .outdir import OutputLock, prepare_output_dir, remove_temporaries, staging_dir
 from .plan import Plan
 from .provenance import check_provenance, output_record, preprocess_record, write_provenance
 from .progress import Progress
@@ -127,6 +128,7 @@ def run_plan(plan: Plan, progress: Progress | None = None) -> RunResult:
         job = Job(plan, todo, targets, model=model, out_dir=out_dir.resolve())
         timings = {"load": time.perf_counter() - t0}
         interrupted, storage = _loop(plan, job, writers, record, progress)
+        shutil.rmtree(staging_dir(out_dir), ignore_errors=True)  # what workers staged for results never taken
         timings["loop"] = time.perf_counter() - t0 - timings["load"]
         timings["total"] = time.perf_counter() - t0
         return _finish(plan, model, out_dir, items, job, writers, record, timings, interrupted, storage)
@@ -160,7 +162,7 @@ def _open_writers(plan: Plan, model: Model, out_dir: Path, record: Record) -> Wr
         for item in items:
             record.fail(item, stage, describe(exc))
 
-    return Writers(sinks, on_error)
+    return Writers(sinks, on_error, out_dir)
 
 
 def _loop(plan: Plan, job: Job, writers: Writers, record: Record, progress: Progress) -> tuple[bool, str | None]:
@@ -170,6 +172,7 @@ def _loop(plan: Plan, job: Job, writers: Writers, record: Record, progress: Prog
     with Signals(job.stop):
         try:
             for result in plan.engine.plugin.run(job):
+                writers.adopt(result)
                 record.add(result)
                 for output in result.outputs:
                     writers.submit(output, skip=result.written)

@@ -1,12 +1,18 @@
 """The run's writers: sinks behind a small thread pool, so encoding overlaps the next batch."""
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .descriptors import BatchOutput, InputItem, Sink
 from .errors import StorageError
+from .io import make_folders, storage_errors
+
+if TYPE_CHECKING:
+    from .compute import BatchResult
 
 WRITER_QUEUE = 4  # batches waiting for the writer threads at most
 
@@ -18,8 +24,10 @@ class Writers:
     exception it raises (a full disk: StorageError) reaches the run at the next `submit` or `drain`.
     """
 
-    def __init__(self, sinks: dict[str, Sink], on_error: Callable[[list[InputItem], str, Exception], None]):
+    def __init__(self, sinks: dict[str, Sink], on_error: Callable[[list[InputItem], str, Exception], None],
+                 out_dir: Path | None = None):
         self.sinks = sinks
+        self.out_dir = out_dir
         self.on_error = on_error
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="xai-writer")
         self.pending: deque[Future] = deque()
@@ -28,6 +36,23 @@ class Writers:
         """True when every sink has every file of this input (a resumed run skips it)."""
         paths = [p for sink in self.sinks.values() for out in outputs for p in sink.expected(item, out)]
         return bool(paths) and all(p.exists() for p in paths)
+
+    def adopt(self, result: "BatchResult") -> None:
+        """Move the files an engine's worker staged for this batch (`result.written` sinks, under
+        `result.staged`, laid out like the output folder) into place: one atomic rename each. Until
+        then they are not outputs, so an interrupted run leaves no file its results did not reach."""
+        if not result.written or result.staged is None or self.out_dir is None:
+            return
+        for output in result.outputs:
+            for name in result.written:
+                for item in output.items:
+                    for final in self.sinks[name].expected(item, output.output):
+                        staged = Path(result.staged) / final.relative_to(self.out_dir)
+                        if not staged.exists():  # its write failed on the worker: a failure of the result
+                            continue
+                        make_folders(self.out_dir, final.parent)
+                        with storage_errors(final):
+                            os.replace(staged, final)
 
     def submit(self, batch: BatchOutput, skip: Sequence[str] = ()) -> None:
         """Queue a batch for every sink but those in `skip` (an engine's worker wrote their files)."""

@@ -9,8 +9,11 @@ itself, so the inputs must be readable at the same path on every node, and so mu
 
 Who writes (`write`): by default the actors write the per-input files (png, npz: writers with
 `per_input`) themselves, into the output folder, which must then be the same path on every node (a
-shared filesystem, as for the inputs), and send back only predictions, scores and failures. The
-driver keeps what spans the run (resume, errors.jsonl, metrics, run.json). With `write: driver` every
+shared filesystem, as for the inputs), and send back only predictions, scores and failures. An
+actor stages its files under `.xai/staging/<actor>/`; the driver renames them into place when it
+takes the batch's result, so a file exists exactly when its input is recorded (counts, scores,
+resume), and what an interrupted run staged is dropped. The driver keeps what spans the run
+(resume, errors.jsonl, metrics, run.json). With `write: driver` every
 array travels to the driver, which writes all files: the output folder then needs to exist only
 there, but the driver encodes every file, which bounds a large cluster running cheap methods
 (`bench/bench_engines.py` measures both costs). The files are the same either way: the same sinks
@@ -28,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pickle
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,6 +43,7 @@ from ..data import Failed
 from ..descriptors import BatchOutput, Engine, InputItem, Sink, WriterContext
 from ..errors import StorageError, UsageError
 from ..hookspecs import hookimpl
+from ..outdir import staging_dir
 from ..params import Param
 from ..plan import Plan
 from . import Job, Replica
@@ -95,7 +100,7 @@ def _run(ray: Any, job: Job, actors: int | None, actors_write: bool) -> Iterator
     data = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // size)))
     data = data.map_batches(
         _Worker, fn_constructor_kwargs={"plan": job.plan, "gpu": gpu,
-                                        "out_dir": str(job.out_dir) if actors_write and job.out_dir else None},
+                                        "staging": str(staging_dir(job.out_dir)) if actors_write and job.out_dir else None},
         batch_size=size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors or _pool_size(ray.cluster_resources(), gpu)),
         **({"num_gpus": 1} if gpu else {"num_cpus": 1}),
@@ -150,16 +155,17 @@ def _pool_size(resources: dict[str, float], gpu: bool) -> int:
 
 
 class _Worker:
-    """A Ray Data actor: one Replica, decoding and computing the batches it is handed, and writing
-    their per-input files when given the output folder."""
+    """A Ray Data actor: one Replica, decoding and computing the batches it is handed, and staging
+    their per-input files when given the staging folder."""
 
-    def __init__(self, plan: Plan, gpu: bool, out_dir: str | None):
+    def __init__(self, plan: Plan, gpu: bool, staging: str | None):
         device = torch.device("cuda", 0) if gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES per actor
         self.replica = Replica(plan, device)
         self.sinks: dict[str, Sink] = {}
-        if out_dir is not None:
+        self.staging = None if staging is None else Path(staging) / uuid.uuid4().hex  # this actor's own folder
+        if self.staging is not None:
             model = self.replica.model
-            ctx = WriterContext(out_dir=Path(out_dir), labels=model.labels, spec=model.spec)
+            ctx = WriterContext(out_dir=self.staging, labels=model.labels, spec=model.spec)
             self.sinks = {name: call.plugin.open(ctx, **call.params)
                           for name, call in plan.writers.items() if call.plugin.per_input}
 
@@ -183,7 +189,7 @@ class _Worker:
                     return str(exc)
                 except Exception as exc:  # a bad path fails these inputs, as the driver's writers do
                     result.failures += [Failed(item, f"write ({name})", describe(exc)) for item in output.items]
-        result.written = tuple(self.sinks)
+        result.written, result.staged = tuple(self.sinks), str(self.staging)
         result.outputs = [_without_arrays(output) for output in result.outputs]
         return ""
 
