@@ -106,6 +106,18 @@ def test_report_files_of_a_real_run(real):
     assert HOSTILE not in (report / "index.html").read_text()
 
 
+def test_analyze_can_build_the_report(real, tmp_path):
+    """`xai analyze --report` analyses into another folder and rebuilds RUN_DIR/report with that analysis."""
+    run = tmp_path / "run"
+    shutil.copytree(real["run"], run)
+    shutil.rmtree(run / "report")
+    done = xai("analyze", run, "-m", "lrp", "-o", tmp_path / "other", "--report", "--set", "analysis.clusters=[2]")
+    ok(done)
+    assert f"report -> {run / 'report' / 'index.html'}" in done.stderr
+    group = read_js(run / "report" / "data" / "report.js")["analysis"]["groups"][0]
+    assert group["method"] == "lrp" and [c for c in group["clusterings"] if c.startswith("kmeans")] == ["kmeans-2"]
+
+
 # -- the browser ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -284,6 +284,7 @@ def analyze(
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV input,label: group by true label, not target"),
     analysis: str = typer.Option("spray", "--analysis", help="analysis plugin (see `xai plugins`)"),
     set_: List[str] = typer.Option([], "--set", help="analysis.KEY=VALUE (repeatable); see `xai plugins show spray`"),
+    report: bool = typer.Option(False, "--report", help="then (re)build RUN_DIR/report with this analysis, as `xai report`"),
     quiet: bool = QUIET, debug: bool = DEBUG,
 ) -> None:
     """SpRAy over a run's heatmaps: per class a spectral embedding, eigengap, clusterings, 2-D views."""
@@ -307,6 +308,12 @@ def analyze(
                        f"-> {result.out_dir}", err=True)
         for path, cause in result.skipped_files[:20]:
             typer.echo(f"skipped: {path}: {cause}", err=True)
+        if report:
+            from .report import build_report
+
+            index = build_report(run_dir, analysis=result.out_dir)
+            if not quiet:
+                typer.echo(f"report -> {index}", err=True)
         return result.exit_code
 
     _guard(go)
