@@ -340,3 +340,13 @@ def test_report_writer_in_a_recipe(tmp_path):
     assert [e["input"] for e in data["provenance"]["errors"]] == ["broken.png"]
     assert data["evaluation"]["summary"][0]["key"] == "pixel_flipping" and len(data["evaluation"]["curves"]["pixel_flipping"]["saliency"]) == 4
     assert (report / "index.html").is_file() and (report / "thumbs" / "heat" / "0" / "0.png").is_file()
+
+
+@pytest.mark.parametrize("folder", ["../elsewhere", "/tmp/report", ""])
+def test_report_writer_stays_inside_the_output_folder(folder, tmp_path):
+    from xaicli.descriptors import WriterContext
+    from xaicli.errors import UsageError
+    from xaicli_plugins.writers.report import open_report
+
+    with pytest.raises(UsageError, match="writers.report.folder: .* must be a folder inside the output folder"):
+        open_report(WriterContext(tmp_path), folder)

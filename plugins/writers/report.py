@@ -11,6 +11,7 @@ from typing import Any
 
 from xaicli import Param, Writer, hookimpl
 from xaicli.descriptors import BatchOutput, InputItem, WriterContext
+from xaicli.errors import UsageError
 
 PARAMS = (
     Param("folder", str, "report", "report folder, relative to the run's output folder"),
@@ -39,6 +40,8 @@ class ReportSink:
 
 
 def open_report(ctx: WriterContext, folder: str = "report", thumb_size: int = 64) -> ReportSink:
+    if Path(folder).is_absolute() or ".." in Path(folder).parts or not Path(folder).parts:
+        raise UsageError(f"writers.report.folder: {folder!r} must be a folder inside the output folder, e.g. report")
     return ReportSink(Path(ctx.out_dir), folder, thumb_size)
 
 
