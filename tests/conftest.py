@@ -1,6 +1,7 @@
 """Shared fixtures: a small CNN trained on real data (scikit-learn digits) in every format."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,9 @@ sys.path.insert(0, str(ROOT / "demo"))
 
 import train_digits  # noqa: E402
 
-torch.set_num_threads(2)
+# one thread per pytest-xdist worker (`make test` runs two), two when run alone: never more threads
+# than the 2 cores CI has
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @dataclass

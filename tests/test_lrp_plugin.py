@@ -36,9 +36,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_declares_graph_needs_and_parameters(method) -> None:
     assert method.needs == "graph"
     params = {p.name: p for p in method.params}
-    assert params["composite"].default == "EpsilonPlusFlat"
-    assert set(params["composite"].choices) == {"EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1",
-                                                "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox"}
+    assert params["composite"].default == "auto"  # AttnLRP with attention, else EpsilonPlusFlat
+    assert set(params["composite"].choices) == {"auto", "EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1",
+                                                "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox", "AttnLRP", "CPLRP"}
     assert (params["epsilon"].default, params["gamma"].default) == (1e-6, 0.25)
     assert {"low", "high", "rules_by_type", "rules_by_name", "record_layers"} <= set(params)
 

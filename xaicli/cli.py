@@ -98,6 +98,8 @@ def _report(result: Any, quiet: bool) -> int:
         line = (f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed "
                 f"({result.manifest['throughput']} images/s) -> {result.out_dir}")
         typer.echo(line, err=True)
+    for skipped in result.manifest.get("skipped", {}).values():  # a method that could not run on the model
+        typer.echo(f"skipped: {skipped['cause']}", err=True)
     for error in result.errors[:20]:
         typer.echo(f"failed: {error['path']}: {error['stage']}: {error['cause']}", err=True)
     if len(result.errors) > 20:

@@ -4,8 +4,9 @@ metric's outputs. No I/O: what it needs from files (masks, an earlier run's arra
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -96,24 +97,63 @@ def _explain(model: Model, plan: Plan, targets: Targets, batch: Batch, x: torch.
     items = [d.item for d in decoded]
     target = target.to(model.device)
     seeds = BatchRNG([derive_seed(plan.recipe.seed, item.relpath) for item in items])
-    failed: set[int] = set()
-    outputs: list[BatchOutput] = []
+    whole = _Part(x, logits, target, seeds, decoded, masks, list(range(len(items))))
     for out, call in plan.methods.items():
-        rng = seeds.child(out)
-        if out in batch.reused:
-            attribution, bad, method_target = _reused(batch.reused[out], keep, items, result, out)
-        else:
-            (attribution, bad), method_target = _run_method(model, call, x, target, rng, items, result), target
-        failed |= bad
-        if attribution is None:
-            continue
-        output = _output(call, decoded, x, logits, method_target, attribution)
-        output.scores = _run_metrics(model, plan, x, method_target, attribution.relevance, call, rng, items, masks, result)
-        outputs.append(output)
-    for output in outputs:
-        output = _drop(output, failed) if failed else output
-        if output.items:
-            result.outputs.append(output)
+        rows = [i for i, item in enumerate(items) if item.todo is None or out in item.todo]
+        if rows:  # a resumed input that has this output already is left out of it
+            output = _method_output(model, plan, call, out, whole.pick(rows), batch, keep, result)
+            if output is not None:
+                result.outputs.append(output)
+
+
+@dataclass
+class _Part:
+    """The inputs of a batch one method output runs on; `rows` index them in the batch."""
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    target: torch.Tensor
+    rng: BatchRNG
+    decoded: list[Decoded]
+    masks: torch.Tensor | None
+    rows: list[int]
+
+    @property
+    def items(self) -> list[InputItem]:
+        return [d.item for d in self.decoded]
+
+    def pick(self, index: list[int]) -> "_Part":
+        """These inputs (by position in this part); all of them: this very part (the forward the
+        run kept for the batch is matched by the identity of x)."""
+        if len(index) == len(self.rows):
+            return self
+        return _Part(self.x[index], self.logits[index], self.target[index], self.rng[index],
+                     [self.decoded[i] for i in index], None if self.masks is None else self.masks[index],
+                     [self.rows[i] for i in index])
+
+
+def _method_output(model: Model, plan: Plan, call: Call, out: str, part: _Part, batch: Batch, keep: list[int],
+                   result: BatchResult) -> BatchOutput | None:
+    """One method output with its metrics on the inputs it succeeded on; a failure (in errors.jsonl,
+    its stage naming the method) leaves the other methods' outputs of that input alone."""
+    part = dataclasses.replace(part, rng=part.rng.child(out))
+    if out in batch.reused:
+        attribution, bad, target = _reused(batch.reused[out], [keep[r] for r in part.rows], part.items, result, out)
+    else:
+        (attribution, bad), target = _run_method(model, call, part.x, part.target, part.rng, part.items, result), part.target
+    if attribution is None:
+        return None
+    if bad:
+        good = [i for i in range(len(part.rows)) if i not in bad]
+        if not good:
+            return None
+        part, target = part.pick(good), target[good]
+        attribution = Attribution(attribution.relevance[good], {k: v[good] for k, v in attribution.extras.items()},
+                                  {k: v[good] for k, v in attribution.stats.items()})
+    output = _output(call, part.decoded, part.x, part.logits, target, attribution)
+    output.scores = _run_metrics(model, plan, part.x, target, attribution.relevance, call, part.rng, part.items,
+                                 part.masks, result)
+    return output
 
 
 def _run_method(
@@ -142,13 +182,16 @@ def _run_method(
     good = [parts[i] for i in index]
     relevance = torch.zeros_like(x)
     relevance[index] = torch.cat([p.relevance for p in good])
-    extras = {}
-    for key in good[0].extras:
-        rows = [numpy(p.extras[key]) for p in good]
-        full = np.zeros((len(items),) + rows[0].shape[1:], rows[0].dtype)
-        full[index] = np.concatenate(rows)
-        extras[key] = full
-    return Attribution(relevance, extras), set(range(len(items))) - set(index)
+    merged = [{key: _rows([numpy(getattr(p, kind)[key]) for p in good], index, len(items)) for key in getattr(good[0], kind)}
+              for kind in ("extras", "stats")]
+    return Attribution(relevance, *merged), set(range(len(items))) - set(index)
+
+
+def _rows(rows: list[np.ndarray], index: list[int], n: int) -> np.ndarray:
+    """Per-input arrays of the inputs at `index`, placed in a batch of n (zeros elsewhere)."""
+    full = np.zeros((n,) + rows[0].shape[1:], rows[0].dtype)
+    full[index] = np.concatenate(rows)
+    return full
 
 
 def _reused(reused: Reused, keep: list[int], items: list[InputItem], result: BatchResult, out: str
@@ -208,22 +251,7 @@ def _output(call: Call, decoded: list[Decoded], x: torch.Tensor, logits: torch.T
         relevance=attribution.relevance.detach().float().cpu().numpy(),
         extras={k: numpy(v) for k, v in attribution.extras.items()},
         predicted=logits.argmax(1).cpu().numpy().astype(np.int64),
-    )
-
-
-def _drop(output: BatchOutput, failed: set[int]) -> BatchOutput:
-    """The batch without the inputs some method failed on (their outputs are not written)."""
-    keep = [i for i in range(len(output.items)) if i not in failed]
-
-    def pick(seq: list[Any]) -> list[Any]:
-        return [seq[i] for i in keep]
-
-    return BatchOutput(
-        output=output.output, method=output.method, params=output.params, items=pick(output.items),
-        inputs=output.inputs[keep], images=pick(output.images), crops=pick(output.crops), resized=pick(output.resized),
-        target=output.target[keep], logit=output.logit[keep], prob=output.prob[keep], relevance=output.relevance[keep],
-        extras={k: v[keep] for k, v in output.extras.items()}, scores={k: v[keep] for k, v in output.scores.items()},
-        predicted=None if output.predicted is None else output.predicted[keep],
+        stats={k: numpy(v).astype(np.float64).reshape(len(decoded)) for k, v in attribution.stats.items()},
     )
 
 

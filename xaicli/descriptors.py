@@ -27,11 +27,14 @@ class Attribution:
     """What a method returns for a batch: relevance [B,C,H,W] plus optional per-input extras.
 
     `extras` values have the batch as first dimension; the npz writer stores them under their
-    key (e.g. IG's `completeness_gap`, LIME's `segments` and `coefficients`).
+    key (e.g. IG's `completeness_gap`, LIME's `segments` and `coefficients`). `stats` are per-input
+    numbers [B] the run reports in run.json (`stats`) as mean and max over inputs, not written per input
+    (e.g. LRP's relative conservation error).
     """
 
     relevance: torch.Tensor
     extras: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor | np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,8 @@ class Method:
     `reuses_forward`: explain takes `input_gradient(model, x, target)` of the batch itself, so the
     run keeps the graph of its target forward for it (one forward per batch instead of two).
     `check(model, params)`: validates resolved parameters against the loaded model (layer names)
-    before any input runs; raises UsageError naming the parameter.
+    before any input runs; raises UsageError naming the parameter. It may return a dict of what it
+    resolved on the model (Grad-CAM's layer), which run.json records under `resolved`.
     """
 
     name: str
@@ -63,7 +67,7 @@ class Method:
     params: tuple[Param, ...] = ()
     needs: Needs = "gradient"
     reuses_forward: bool = False
-    check: Callable[["Model", dict[str, Any]], None] | None = None
+    check: Callable[["Model", dict[str, Any]], "dict[str, Any] | None"] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class InputItem:
     path: Path
     relpath: str  # posix path relative to its input root (`a/b.jpg`); the input's stable id (seeds, resume, CSV rows)
     stem: str = ""  # output base name: relpath without extension (`a/b`), or the relpath when two inputs share a stem
+    todo: tuple[str, ...] | None = None  # method outputs still to compute (a resumed run); None: every output
 
     def __post_init__(self) -> None:
         if not self.stem:
@@ -135,6 +140,7 @@ class BatchOutput:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # metric name -> [B]
     predicted: np.ndarray | None = None  # [B] int64 top class of the model (may differ from target)
+    stats: dict[str, np.ndarray] = field(default_factory=dict)  # per-input numbers [B] the run averages (Attribution.stats)
 
 
 class Sink(Protocol):

@@ -24,8 +24,11 @@ def package_versions() -> dict[str, str]:
 
 def manifest(plan: Plan, model: Model | None, *, inputs: int, counts: dict[str, int], interrupted: bool,
              timings: dict[str, float], scores: list, devices: list[str], batch_size: int,
-             chunks: dict[str, int]) -> dict[str, Any]:
-    """The run manifest; `throughput` is images/s of the loop, model loading excluded."""
+             chunks: dict[str, int], stats: dict[str, dict[str, dict[str, float]]] | None = None) -> dict[str, Any]:
+    """The run manifest; `throughput` is images/s of the loop, model loading excluded. `skipped`: the
+    method outputs that could not run on the model and why; `stats`: per method output, each
+    statistic its method reports per input (e.g. LRP's `conservation_error`) as mean and max
+    over this run's inputs."""
     spec = model.spec if model is not None else None
     elapsed = timings.get("loop", 0.0)
     return {
@@ -50,6 +53,9 @@ def manifest(plan: Plan, model: Model | None, *, inputs: int, counts: dict[str, 
         "thresholds": plan.recipe.thresholds or {},
         "baseline": {"path": plan.recipe.baseline, "max_regression": plan.recipe.max_regression} if plan.baseline else None,
         "scores": scores,
+        "skipped": {out: {"method": call.name, "cause": cause} for out, (call, cause) in plan.skipped.items()},
+        "stats": stats or {},
+        "resolved": {out: dict(c.resolved) for out, c in plan.methods.items() if c.resolved},
     }
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, XaiError
 
 if TYPE_CHECKING:
     from torch import fx
@@ -63,6 +63,11 @@ def spec_from_config(config: Mapping[str, Any]) -> InputSpec:
                                 crop_pct=config.get("crop_pct") or DEFAULT_SPEC.crop_pct)
 
 
+class GraphUnavailable(UsageError):
+    """The model's torch graph cannot be built (an unsupported ONNX op, a torch.export failure, a
+    graph that disagrees with the model): only the methods that need the graph cannot run."""
+
+
 @dataclass(frozen=True)
 class GraphSource:
     """What graph-aware methods build the model's torch graph from (see xaicli.graph): an eager
@@ -95,6 +100,8 @@ class Model:
     `fixed_batch` is the one batch size a forward accepts (fixed-batch ONNX graphs).
     `channels_last` (default: on CPUs) feeds torch models NHWC images, on which oneDNN's
     convolutions run 1.1-1.4x faster; results differ from NCHW by float rounding only.
+    `unavailable`: the run's method outputs that cannot run on this model (output -> cause), set
+    by `xaicli.engines.check_methods` when the graph they need cannot be built.
     """
 
     name: str
@@ -109,8 +116,9 @@ class Model:
     fixed_batch: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     channels_last: bool | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)
     _kept: "KeptForward | None" = field(default=None, init=False, repr=False)
-    _graph: "tuple[GraphSource, fx.GraphModule] | None" = field(default=None, init=False, repr=False)
+    _graph: "tuple[GraphSource, fx.GraphModule | GraphUnavailable] | None" = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.module is not None:
@@ -124,17 +132,33 @@ class Model:
 
     def graph(self) -> "fx.GraphModule":
         """The model as one ATen-level torch graph (see xaicli.graph), built on first use, checked
-        against the model's own forward, and cached for as long as `graph_source` stays the same."""
+        against the model's own forward, and cached for as long as `graph_source` stays the same.
+        A graph that cannot be built raises GraphUnavailable naming the cause, every time, without
+        trying again (a failed torch.export is slow)."""
         source = self.graph_source
         if source is None:
             raise UsageError(f"model {self.source or self.name} has neither a torch module nor an ONNX file to build a graph from")
         if self._graph is None or self._graph[0] != source:
-            from .graph import to_graph
+            self._graph = source, self._build_graph(source)
+        built = self._graph[1]
+        if isinstance(built, GraphUnavailable):
+            raise GraphUnavailable(str(built))
+        return built
 
-            # a fixed pseudo-random input of the model's size (batch 2: export needs a batch > 1)
-            example = torch.randn(2, self.spec.channels, *self.spec.size, generator=torch.Generator().manual_seed(0))
-            self._graph = source, to_graph(source, example.to(self.device), self.predict, self.source or self.name)
-        return self._graph[1]
+    def _build_graph(self, source: GraphSource) -> "fx.GraphModule | GraphUnavailable":
+        from .graph import to_graph
+
+        # a fixed pseudo-random input of the model's size (batch 2: export needs a batch > 1)
+        example = torch.randn(2, self.spec.channels, *self.spec.size, generator=torch.Generator().manual_seed(0))
+        name = self.source or self.name
+        try:
+            return to_graph(source, example.to(self.device), self.predict, name)
+        except XaiError as exc:  # the converter's own message names the op and node
+            return GraphUnavailable(str(exc))
+        except Exception as exc:  # torch.export and TorchScript conversion raise many types
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            cause = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+            return GraphUnavailable(f"the torch graph of model {name} cannot be built ({source.kind}): {cause}")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, classes] for model input x [B, C, H, W] on `device`. Without a torch
@@ -250,13 +274,23 @@ def input_gradient(model: Model, x: torch.Tensor, target: torch.Tensor) -> tuple
     return grad, out.detach()
 
 
+def needs_graph(model: Model, needs: str) -> bool:
+    """True when what a method or metric `needs` takes the model's torch graph: LRP-style methods
+    always, input gradients when there is no torch module (an ONNX file: through its converted graph)."""
+    return needs == "graph" or (needs == "gradient" and model.module is None)
+
+
 def check_needs(model: Model, needs: str, what: str) -> None:
-    """Fail up front when a method or metric needs more than the model can give."""
+    """Fail up front when a method or metric needs more than the model can give: UsageError, or
+    GraphUnavailable (a UsageError) naming `what` when the graph it needs cannot be built."""
     if needs in ("gradient", "graph") and not model.differentiable:
         raise UsageError(
             f"{what} needs input gradients, but model {model.source or model.name} is forward-only "
             f"(no torch module and no ONNX file to convert); use a forward-only method such as occlusion"
         )
-    if needs == "graph" or (needs == "gradient" and model.module is None):
-        model.graph()  # a model the converter cannot handle fails here, before the run starts
+    if needs_graph(model, needs):
+        try:
+            model.graph()  # a model the converter cannot handle fails here, before the run starts
+        except GraphUnavailable as exc:
+            raise GraphUnavailable(f"{what} needs the model's torch graph: {exc}") from None
 

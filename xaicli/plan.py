@@ -7,7 +7,7 @@ travels to a Ray actor or another device as it is.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class Call:
     output: str
     plugin: Any  # Method, Metric, Writer or Engine
     params: dict[str, Any]
+    resolved: dict[str, Any] = field(default_factory=dict)  # what the method's check chose on the model (run.json)
 
     @property
     def name(self) -> str:
@@ -52,6 +53,14 @@ class Plan:
     previous: dict[str, Any] | None = None  # manifest of the run whose arrays are reused (--from)
     module: torch.nn.Module | None = None  # a model object handed to the Python API (a private copy)
     baseline: dict[str, Any] | None = None  # summary.json of the evaluation this one is compared with
+    skipped: dict[str, tuple[Call, str]] = field(default_factory=dict)  # output -> (call, why it cannot run)
+
+    def without(self, causes: dict[str, str]) -> "Plan":
+        """This plan without the method outputs in `causes` (output -> why it cannot run on the model),
+        which `skipped` keeps for run.json and errors.jsonl."""
+        skipped = {**self.skipped, **{out: (self.methods[out], cause) for out, cause in causes.items() if out in self.methods}}
+        methods = {out: call for out, call in self.methods.items() if out not in causes}
+        return replace(self, methods=methods, skipped=skipped)
 
     @property
     def reuse_forward(self) -> bool:
@@ -67,7 +76,8 @@ class Plan:
         import yaml
 
         data = yaml.safe_load(dump_recipe(self.recipe))
-        data["methods"] = {out: {"method": c.name, **c.params} for out, c in self.methods.items()}
+        calls = {**self.methods, **{out: call for out, (call, _) in self.skipped.items()}}
+        data["methods"] = {out: {"method": c.name, **c.params} for out, c in calls.items()}
         data["writers"] = {name: c.params for name, c in self.writers.items()}
         data["engine"] = {"name": self.engine.name, **self.engine.params}
         if self.metrics:
@@ -133,7 +143,11 @@ def _previous_run(folder: Path) -> dict[str, Any]:
 def _reused_methods(previous: dict[str, Any], asked: dict[str, dict], folder: Path) -> dict[str, dict]:
     """The earlier run's methods (with their parameters), narrowed to those asked for, if any."""
     done = previous.get("recipe", {}).get("methods", {})
+    skipped = previous.get("skipped") or {}  # outputs the earlier run could not make (no graph)
     missing = [name for name in asked if name not in done]
     if missing:
         raise UsageError(f"--from {folder}: the earlier run has no method output {missing[0]!r}; it has {', '.join(done)}")
-    return {name: done[name] for name in (asked or done)}
+    unmade = [name for name in asked if name in skipped]
+    if unmade:
+        raise UsageError(f"--from {folder}: the earlier run could not compute {unmade[0]!r}: {skipped[unmade[0]].get('cause', '')}")
+    return {name: done[name] for name in (asked or [n for n in done if n not in skipped])}

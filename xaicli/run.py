@@ -8,6 +8,7 @@ flight with every file whole; a full disk stops the run the same way (exit code 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -16,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .compute import BatchResult, describe
 from .data import discover, escaped
@@ -85,6 +88,8 @@ class Record:
         self.scores: list[tuple[int, list[tuple[str, str, str, float]]]] = []
         self.counts = {"done": 0, "skipped": 0, "failed": 0}
         self.chunks: dict[str, int] = {}  # the smallest size any replica chose, per method and device
+        self.failed_before: set[str] = set()  # inputs failed before the loop (a method that cannot run): never done
+        self.stats: dict[str, dict[str, list[float]]] = {}  # output -> stat -> [sum, count, max] over finite values
         self.lock = threading.Lock()
 
     def fail(self, item: InputItem, stage: str, cause: str) -> None:
@@ -100,9 +105,25 @@ class Record:
         if rows:
             with self.lock:
                 self.scores.append((min(self.order[r[0]] for r in rows), rows))
-        self.counts["done"] += result.done
+        failed = {f.item.relpath for f in result.failures} | self.failed_before
+        self.counts["done"] += sum(1 for item in result.items if item.relpath not in failed)
         for key, size in result.chunks.items():
             self.chunks[key] = min(size, self.chunks.get(key, size))
+        with self.lock:
+            for out in result.outputs:
+                for name, values in out.stats.items():
+                    finite = values[np.isfinite(values)]
+                    if finite.size:
+                        acc = self.stats.setdefault(out.output, {}).setdefault(name, [0.0, 0, -np.inf])
+                        acc[0] += float(finite.sum())
+                        acc[1] += int(finite.size)
+                        acc[2] = max(acc[2], float(finite.max()))
+
+    def stat_summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Per method output and statistic: mean and max over the inputs of this run, and their number."""
+        return {out: {name: {"mean": total / count, "max": top, "inputs": count}
+                      for name, (total, count, top) in sorted(stats.items())}
+                for out, stats in self.stats.items()}
 
     def sorted_errors(self) -> list[dict[str, str]]:
         return [e for _, e in sorted(self.errors, key=lambda pair: pair[0])]
@@ -120,11 +141,15 @@ def run_plan(plan: Plan, progress: Progress | None = None) -> RunResult:
         remove_temporaries(out_dir)
         targets = devices(recipe.device)
         model = load_model(plan, targets[0])
+        if model.unavailable:  # the graph these methods need cannot be built: the others run
+            plan = plan.without(model.unavailable)
         items = discover(recipe.inputs, exclude=[out_dir])
         record = Record(items)
         writers = _open_writers(plan, model, out_dir, record)
         todo = _todo(plan, model, out_dir, items, writers)
-        record.counts["skipped"] = len(items) - len(todo)
+        _record_skipped(plan, items, writers, record)
+        computed = {item.relpath for item in todo}
+        record.counts["skipped"] = sum(1 for item in items if item.relpath not in computed | record.failed_before)
         job = Job(plan, todo, targets, model=model, out_dir=out_dir.resolve())
         timings = {"load": time.perf_counter() - t0}
         interrupted, storage = _loop(plan, job, writers, record, progress)
@@ -149,7 +174,30 @@ def _todo(plan: Plan, model: Model, out_dir: Path, items: list[InputItem], write
     write_provenance(out_dir, current)
     if plan.recipe.overwrite:
         return items
-    return [item for item in items if not writers.finished(item, plan.outputs)]
+    return pending(items, plan.outputs, writers)
+
+
+def pending(items: list[InputItem], outputs: list[str], writers: Writers) -> list[InputItem]:
+    """The inputs missing some output's files, each with `todo` naming those outputs (a rerun after a
+    method failed on an input computes only that method there; the other files stay as they are)."""
+    found = []
+    for item in items:
+        missing = tuple(out for out in outputs if not writers.finished(item, [out]))
+        if len(missing) == len(outputs):
+            found.append(item)
+        elif missing:
+            found.append(dataclasses.replace(item, todo=missing))
+    return found
+
+
+def _record_skipped(plan: Plan, items: list[InputItem], writers: Writers, record: Record) -> None:
+    """One errors.jsonl line per input and method output that cannot run on this model (a graph that
+    cannot be built), for each input that does not hold that output from an earlier run."""
+    for out, (call, cause) in plan.skipped.items():
+        for item in items:
+            if not writers.finished(item, [out]):
+                record.fail(item, f"explain ({call.name})", cause)
+                record.failed_before.add(item.relpath)
 
 
 def _open_writers(plan: Plan, model: Model, out_dir: Path, record: Record) -> Writers:
@@ -196,7 +244,8 @@ def _finish(plan: Plan, model: Model, out_dir: Path, items: list[InputItem], job
     record.counts["failed"] = len({e["path"] for e in errors})
     info = manifest(plan, model, inputs=len(items), counts=dict(record.counts), interrupted=interrupted,
                     timings=timings, scores=scores, devices=[str(d) for d in job.devices],
-                    batch_size=job.batch_size, chunks=dict(sorted(record.chunks.items())))
+                    batch_size=job.batch_size, chunks=dict(sorted(record.chunks.items())),
+                    stats=record.stat_summary())
     steps = [  # errors.jsonl first: a writer closing over the folder (the report) reads it
         lambda: atomic_write_bytes(out_dir / "errors.jsonl", "".join(json.dumps(e) + "\n" for e in errors).encode(),
                                    root=out_dir),

@@ -2,8 +2,11 @@
 model's torch graph, so they work for eager, TorchScript and ONNX models alike (no module hooks).
 
 An fx Interpreter runs the model's graph (`model.graph()`, see xaicli.graph), hands out the
-activation A [B,K,h,w] of the chosen node as a leaf tensor and continues from it, so one backward
-gives ∂f_t/∂A (and nothing upstream of the layer is differentiated).
+activation of the chosen node as a leaf tensor and continues from it, so one backward gives
+∂f_t/∂A (and nothing upstream of the layer is differentiated). The activation and its gradient
+are then viewed as A [B,K,h,w] in the layer's own layout (xaicli.graph.feature_maps): a [B,C,H,W]
+map as is, a [B,H,W,C] map (swin, convnext blocks) transposed, a vision transformer's token grid
+[B,e+h·w,C] without its e class/distillation tokens, reshaped to the patch grid.
 - gradcam: ReLU(Σ_k α_k A_k), α_k the spatial mean of ∂f_t/∂A_k — captum's LayerGradCam with
   relu_attributions=True (the paper's ReLU; captum's default False keeps negative evidence).
 - gradcam_plus_plus: α_k = Σ_ij a_kij·ReLU(g_kij) with a_kij = g²_kij / (2g²_kij + g³_kij·Σ_ab A_kab),
@@ -11,8 +14,12 @@ gives ∂f_t/∂A (and nothing upstream of the layer is differentiated).
 The map is upsampled to the input with `interpolation` (bilinear by default, as in the paper;
 captum's LayerAttribution.interpolate defaults to nearest) and broadcast to the C channels.
 `layer` is a layer name of the graph (`layer4.1.relu`), a node name, or a module path (`layer4`:
-its output), resolved by xaicli.graph.find_node; the default is the last node with a 4-D output
-larger than 1×1, i.e. the last spatial feature map before global pooling.
+its output), resolved by xaicli.graph.find_node. The default is the last feature map with a real
+grid (h·w > 1, never a pooled [B,C,1,1]/[B,1,1,C] tensor or an attention matrix) that the
+output's gradient reaches at two or more positions: the last stage's output of a CNN, swin's final
+norm, a ViT's last `norm1` (after its last attention only the class token matters). The layer
+chosen and its role (nchw/nhwc/tokens) are recorded in run.json (`resolved`); a model without
+such a map fails in `check`, before any input, listing the candidates.
 Extras: `cam` [B,h,w], the map before upsampling.
 """
 from __future__ import annotations
@@ -27,21 +34,27 @@ from xaicli import Attribution, Method, Param, hookimpl
 from xaicli.chunking import AUTO, MaxBatch, chunked, max_batch_param
 from xaicli.errors import UsageError
 from xaicli.graph import find_node
+from xaicli.graph.feature_maps import FeatureMap, default_feature_map, feature_map_of
 from xaicli.model import Model, gather_target
 from xaicli.rng import BatchRNG
 
 
-def default_layer(graph: fx.GraphModule) -> fx.Node:
-    """The last node with a 4-D output larger than 1×1: the last spatial map before global pooling."""
-    spatial = [n for n in graph.graph.nodes if n.op == "call_function" and _spatial(n.meta.get("val"))]
-    if not spatial:
-        raise UsageError("gradcam: the model has no spatial (4-D) feature map; name a `layer`")
-    return spatial[-1]
+def input_shape(model: Model, graph: fx.GraphModule) -> tuple[int, int, int]:
+    """(C, H, W) of the graph's input: its placeholder's example, else the model's input spec."""
+    placeholder = next(n for n in graph.graph.nodes if n.op == "placeholder")
+    shape = getattr(placeholder.meta.get("val"), "shape", None)
+    if shape is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[1:]):
+        return int(shape[1]), int(shape[2]), int(shape[3])
+    return model.spec.channels, int(model.spec.size[0]), int(model.spec.size[1])
 
 
-def _spatial(value: Any) -> bool:
-    shape = getattr(value, "shape", None)
-    return shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1
+def resolve_layer(model: Model, layer: str | None) -> FeatureMap:
+    """The feature map Grad-CAM reads: the named `layer`, or the default (module docstring)."""
+    graph = model.graph()
+    shape = input_shape(model, graph)
+    if layer is None:
+        return default_feature_map(graph, shape)
+    return feature_map_of(graph, find_node(graph, layer), shape, layer)
 
 
 class _Capture(fx.Interpreter):
@@ -61,16 +74,19 @@ class _Capture(fx.Interpreter):
 
 
 def layer_gradient(
-    model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None
+    model: Model, x: torch.Tensor, target: torch.Tensor, layer: str | None, method: str = "gradcam"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, ∂f_t/∂A) at the chosen node for a batch."""
-    graph = model.graph()
-    capture = _Capture(graph, default_layer(graph) if layer is None else find_node(graph, layer))
+    """(A, ∂f_t/∂A) at the chosen layer for a batch, both as [B,K,h,w] views of the layer's output."""
+    try:
+        feature_map = resolve_layer(model, layer)
+    except UsageError as exc:
+        raise UsageError(f"{method} layer: {exc}") from None
+    capture = _Capture(model.graph(), feature_map.node)
     with torch.enable_grad():
         out = capture.run(x.detach())
         out = out[0] if isinstance(out, (tuple, list)) else out
         (grad,) = torch.autograd.grad(gather_target(out, target).sum(), capture.activation)
-    return capture.activation.detach(), grad
+    return feature_map.to_nchw(capture.activation.detach()), feature_map.to_nchw(grad)
 
 
 def _upsample(cam: torch.Tensor, x: torch.Tensor, interpolation: str) -> Attribution:
@@ -88,9 +104,7 @@ def _chunked(
     target = target.to(x.device)
 
     def cam(start: int, stop: int) -> torch.Tensor:
-        activation, grad = layer_gradient(model, x[start:stop], target[start:stop], layer)
-        if activation.dim() != 4:
-            raise UsageError(f"gradcam: layer {layer!r} has a {activation.dim()}-D output; it needs a 4-D feature map")
+        activation, grad = layer_gradient(model, x[start:stop], target[start:stop], layer, key)
         return F.relu((weigh(activation, grad) * activation).sum(1, keepdim=True))
 
     return torch.cat(chunked(cam, len(x), max_batch, key=key, device=x.device))
@@ -124,22 +138,21 @@ def gradcam_plus_plus(
                      interpolation)
 
 
-def check(model: Model, params: dict[str, Any]) -> None:
+def check(model: Model, params: dict[str, Any]) -> dict[str, Any]:
     """UsageError before any input runs when `layer` is not a layer of the model (with suggestions)
-    or not a 4-D feature map."""
-    graph = model.graph()
-    layer = params.get("layer")
+    or not a feature map, or when no default can be chosen (listing candidates); else what run.json
+    records: the layer, its role (nchw/nhwc/tokens), grid and extra tokens."""
     try:
-        node = default_layer(graph) if layer is None else find_node(graph, layer)
+        return resolve_layer(model, params.get("layer")).record()
     except UsageError as exc:
         raise UsageError(f"gradcam layer: {exc}") from None
-    shape = getattr(node.meta.get("val"), "shape", None)
-    if shape is not None and len(shape) != 4:
-        raise UsageError(f"gradcam layer: {layer!r} has a {len(shape)}-D output; it needs a 4-D feature map")
 
 
 PARAMS = (
-    Param("layer", str, None, "graph node or module path whose activation is used (default: last spatial feature map)"),
+    Param("layer", str, None, "graph node or module path whose activation is used: a [B,C,H,W] map, a [B,H,W,C] map "
+          "or a vision transformer's token grid [B,N,C] (class/distillation tokens dropped). Default: the last "
+          "map with an h×w > 1 grid that the output's gradient reaches — a CNN's last stage, swin's final norm, "
+          "a ViT's last block norm1 — never a pooled tensor or attention matrix; run.json names it (`resolved`)"),
     Param("interpolation", str, "bilinear", "upsampling of the map to the input", choices=("bilinear", "nearest")),
     max_batch_param("inputs per forward/backward pass"),
 )

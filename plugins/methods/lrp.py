@@ -8,6 +8,11 @@ backward per batch; the prepared engine is cached per model graph and parameters
 z^B bounds (`low`/`high`, EpsilonGammaBox's first layer) default to the model's true input box:
 pixel values 0 and 1 mapped through the model's mean/std, per channel. Numbers given instead are
 in normalised input space (Zennit's examples use -3/3 style bounds), scalars or one per channel.
+
+Transformers: `AttnLRP` and `CPLRP` (Achtibat et al., ICML 2024; rule tables in xaicli.lrp.composites).
+The default composite `auto` is AttnLRP for a graph with attention (a softmax feeding a product of two
+graph tensors) and EpsilonPlusFlat otherwise: AttnLRP also propagates through the attention weights
+(queries and keys get relevance, which CP-LRP drops) and is the paper's most faithful variant.
 """
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ from torch import fx
 
 from xaicli import Attribution, Method, Param, hookimpl
 from xaicli.errors import UsageError
-from xaicli.lrp import (COMPOSITES, LRP, KINDS, Settings, UnknownLayer, composite, parse_rules_by_name,
+from xaicli.lrp import (COMPOSITES, LRP, KINDS, RULES, Settings, UnknownLayer, composite, parse_rules_by_name,
                         parse_rules_by_type)
+from xaicli.lrp.nodes import has_attention
 from xaicli.lrp.options import mapping as _mapping
 from xaicli.lrp.options import names as _names
 from xaicli.lrp.options import settings as _settings
@@ -31,7 +37,16 @@ _ENGINES: "weakref.WeakKeyDictionary[fx.GraphModule, dict[Any, LRP]]" = weakref.
 _PER_GRAPH = 4  # prepared engines kept per graph (one per parameter set in use)
 
 
-def lrp(model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, composite: str = "EpsilonPlusFlat",
+AUTO = "auto"
+"""The default composite: AttnLRP on graphs with attention, EpsilonPlusFlat otherwise (`default_composite`)."""
+
+
+def default_composite(graph: fx.GraphModule) -> str:
+    """The composite `auto` stands for on this graph."""
+    return "AttnLRP" if has_attention(graph.graph.nodes) else "EpsilonPlusFlat"
+
+
+def lrp(model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, composite: str = AUTO,
         epsilon: float = 1e-6, gamma: float = 0.25, low: float | list | None = None, high: float | list | None = None,
         rules_by_type: dict | str | None = None, rules_by_name: dict | str | None = None,
         record_layers: list | str = ()) -> Attribution:
@@ -42,12 +57,30 @@ def lrp(model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, comp
     engine = _engine(model, composite, settings, by_type, by_name, record)
     result = engine(x, target)
     extras = {f"relevance:{name}": value for name, value in result.recorded.items()}
-    return Attribution(result.relevance, extras)
+    return Attribution(result.relevance, extras, conservation(result.relevance, result.recorded, result.logits, target))
+
+
+def conservation(relevance: torch.Tensor, recorded: dict[str, torch.Tensor], logits: torch.Tensor,
+                 target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per input, |Σ R − f_t(x)| / |f_t(x)| of the input relevance (`conservation_error`) and of each
+    recorded layer's (`conservation_error:<layer>`): relevance starts as the target logit, so 0 means
+    every rule on the way conserved it (biases, epsilon and constant operands absorb the rest).
+    NaN where the logit is 0; the run reports mean and max over inputs in run.json (`stats`)."""
+    logit = logits.detach().double().gather(1, target.to(logits.device).view(-1, 1))[:, 0]
+    scale = torch.where(logit != 0, logit.abs(), torch.full_like(logit, float("nan")))
+
+    def error(r: torch.Tensor) -> torch.Tensor:
+        return ((r.detach().double().flatten(1).sum(1).to(logit.device) - logit).abs() / scale).cpu()
+
+    return {"conservation_error": error(relevance),
+            **{f"conservation_error:{name}": error(r) for name, r in recorded.items()}}
 
 
 def _engine(model: Model, name: str, settings: Settings, by_type: dict[str, str], by_name: dict[str, str],
             record: tuple[str, ...]) -> LRP:
     graph = model.graph()
+    if name == AUTO:
+        name = default_composite(graph)
     key = (name, settings, repr(sorted(by_type.items())), repr(sorted(by_name.items())), record)
     engines = _ENGINES.setdefault(graph, {})
     if key not in engines:
@@ -75,21 +108,27 @@ def check(model: Model, params: dict[str, Any]) -> None:
 @hookimpl
 def xai_methods() -> list[Method]:
     kinds = ", ".join(KINDS)
+    rules = ", ".join(RULES)
     return [
         Method(
             "lrp",
             "layer-wise relevance propagation with Zennit's composites, on the model graph",
             lrp,
             (
-                Param("composite", str, "EpsilonPlusFlat", "rule set (Zennit's names)", choices=COMPOSITES),
-                Param("epsilon", float, 1e-6, "epsilon of the epsilon rule (dense layers)", low=0.0),
+                Param("composite", str, AUTO,
+                      "rule set: Zennit's names, or AttnLRP / CPLRP for transformers (Achtibat et al. 2024); "
+                      "auto: AttnLRP when the graph has attention (a softmax feeding a matmul), else EpsilonPlusFlat",
+                      choices=(AUTO, *COMPOSITES)),
+                Param("epsilon", float, 1e-6,
+                      "epsilon of the epsilon rule (dense layers; AttnLRP/CPLRP: also conv, matmul, norm)", low=0.0),
                 Param("gamma", float, 0.25, "gamma of the gamma rule (EpsilonGammaBox convolutions)", low=0.0),
                 Param("low", (float, list), None,
                       "z-box lower bound, normalised input space, scalar or per channel (default: pixel 0 normalised)"),
                 Param("high", (float, list), None,
                       "z-box upper bound, normalised input space, scalar or per channel (default: pixel 1 normalised)"),
                 Param("rules_by_type", (dict, str), None,
-                      f"rule per layer type, e.g. {{conv: gamma:0.25, linear: epsilon}}; types: {kinds}"),
+                      f"rule per layer type, e.g. {{conv: gamma:0.25, linear: epsilon, matmul: uniform}}; "
+                      f"types: {kinds}; rules: {rules}"),
                 Param("rules_by_name", (dict, str), None,
                       "rule per layer name, e.g. {features.0: flat}; applies inside that layer"),
                 Param("record_layers", (list, str), [],

@@ -23,7 +23,7 @@ from ..compute import Batch, BatchResult, Reused, compute
 from ..data import Decoded, DecodeLimits, Failed, decode, load_mask
 from ..descriptors import InputItem
 from ..errors import InputError, UsageError, XaiError
-from ..model import Model, check_needs
+from ..model import GraphUnavailable, Model, check_needs
 from ..plan import Plan
 from ..recipe import problems_of
 from ..targets import Targets
@@ -114,17 +114,27 @@ def load_model(plan: Plan, device: torch.device) -> Model:
 
 def check_methods(plan: Plan, model: Model) -> None:
     """What each method needs of the model, and its own check of its parameters against the model
-    (layer names, ...), before any input runs: one RecipeError naming every failing entry and line."""
+    (layer names, ...), before any input runs: one RecipeError naming every failing entry and line.
+    A method whose graph cannot be built goes to `model.unavailable` (the run goes on without it)
+    unless every method needs it: then its GraphUnavailable ends the run before any input."""
     problems = []
     for out, call in plan.methods.items():
-        check_needs(model, call.plugin.needs, f"method {out!r} ({call.name})")
+        try:
+            check_needs(model, call.plugin.needs, f"method {out!r} ({call.name})")
+        except GraphUnavailable as exc:
+            model.unavailable[out] = str(exc)
+            continue
         if call.plugin.check is not None:
             try:
-                call.plugin.check(model, call.params)
+                call.resolved.update(call.plugin.check(model, call.params) or {})
+            except GraphUnavailable as exc:
+                model.unavailable[out] = f"method {out!r} ({call.name}): {exc}"
             except UsageError as exc:
                 problems.append((f"methods.{out}", str(exc)))
     if problems:
         raise problems_of(plan.recipe, problems)
+    if plan.methods and len(model.unavailable) == len(plan.methods):
+        raise GraphUnavailable(next(iter(model.unavailable.values())))
 
 
 def describe_load(exc: BaseException) -> str:

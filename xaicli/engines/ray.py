@@ -29,6 +29,7 @@ without end (Ray Data's default); Ctrl-C stops such a run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pickle
 import uuid
@@ -96,7 +97,8 @@ def _run(ray: Any, job: Job, actors: int | None, actors_write: bool) -> Iterator
     """Stream the job's inputs through the actor pool; yield each batch's results once."""
     gpu = _wants_gpu(job.plan, ray.cluster_resources())
     size = job.batch_size
-    rows = [{"path": str(item.path), "relpath": item.relpath, "stem": item.stem} for item in job.items]
+    rows = [{"path": str(item.path), "relpath": item.relpath, "stem": item.stem,
+             "todo": "" if item.todo is None else json.dumps(list(item.todo))} for item in job.items]
     data = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // size)))
     data = data.map_batches(
         _Worker, fn_constructor_kwargs={"plan": job.plan, "gpu": gpu,
@@ -170,7 +172,8 @@ class _Worker:
                           for name, call in plan.writers.items() if call.plugin.per_input}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        items = [InputItem(Path(p), str(r), str(s)) for p, r, s in zip(batch["path"], batch["relpath"], batch["stem"])]
+        items = [InputItem(Path(p), str(r), str(s), tuple(json.loads(t)) if t else None)
+                 for p, r, s, t in zip(batch["path"], batch["relpath"], batch["stem"], batch["todo"])]
         decoded, failed = self.replica.decode(items)
         result = self.replica(decoded) if decoded else BatchResult([])
         whole = BatchResult(items, outputs=result.outputs, failures=failed + result.failures, chunks=result.chunks)

@@ -44,9 +44,59 @@ def _lift_state(ep: ExportedProgram) -> tuple[fx.Graph, dict[str, torch.Tensor]]
             env[node].meta.update(node.meta)
         elif node.op == "output":
             graph.output(env[_single_output(node)])
+        elif node.op == "get_attr" and isinstance(getattr(ep.graph_module, node.target, None), fx.GraphModule):
+            env[node] = getattr(ep.graph_module, node.target)  # the body of a wrapper op, inlined below
+        elif node.op == "call_function" and node.target in _context_wrappers():
+            env[node] = _inline_wrapper(graph, node, env)
+        elif _getitem_of_inlined(node, env):
+            env[node] = env[node.args[0]][node.args[1]]
         else:
             env[node] = graph.node_copy(node, lambda n: env[n])
     return graph, state
+
+
+def _context_wrappers() -> tuple:
+    """Higher-order ops torch.export makes of `with torch.autocast(...)` / `torch.set_grad_enabled`
+    blocks: (context args..., body GraphModule, *operands). The graph runs in float32 with the
+    caller's grad mode, so their bodies are inlined (autocast's dtype switch does not apply)."""
+    hop = torch.ops.higher_order
+    return tuple(getattr(hop, name) for name in ("wrap_with_autocast", "wrap_with_set_grad_enabled") if hasattr(hop, name))
+
+
+def _inline_wrapper(graph: fx.Graph, node: fx.Node, env: dict) -> tuple:
+    """Inline a context wrapper: its arguments are context values, the body, then the operands."""
+    at = next(i for i, a in enumerate(node.args) if isinstance(env.get(a) if isinstance(a, fx.Node) else None, fx.GraphModule))
+    return _inline(graph, env[node.args[at]], [env[a] if isinstance(a, fx.Node) else a for a in node.args[at + 1:]])
+
+
+def _getitem_of_inlined(node: fx.Node, env: dict) -> bool:
+    """`outputs[i]` on the outputs of an inlined wrapper (a tuple of copied nodes)."""
+    return (node.op == "call_function" and bool(node.args) and isinstance(node.args[0], fx.Node)
+            and isinstance(env.get(node.args[0]), tuple))
+
+
+def _inline(graph: fx.Graph, body: fx.GraphModule, operands: list) -> tuple:
+    """Copy `body`'s nodes into `graph` with its placeholders bound to `operands`; its outputs."""
+    env: dict[fx.Node, object] = {}
+    inputs = iter(operands)
+    outputs: tuple = ()
+    for node in body.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = next(inputs)
+        elif node.op == "output":
+            outs = node.args[0]
+            outputs = tuple(env[o] if isinstance(o, fx.Node) else o for o in (outs if isinstance(outs, (list, tuple)) else [outs]))
+        elif node.op == "get_attr" and isinstance(getattr(body, node.target, None), fx.GraphModule):
+            env[node] = getattr(body, node.target)
+        elif node.op == "call_function" and node.target in _context_wrappers():
+            env[node] = _inline_wrapper(graph, node, env)
+        elif _getitem_of_inlined(node, env):
+            env[node] = env[node.args[0]][node.args[1]]
+        elif node.op == "get_attr":
+            raise UsageError(f"the model reads {node.target!r} inside an autocast or grad-mode block, which the graph cannot carry")
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    return outputs
 
 
 def _lookup(ep: ExportedProgram, target: str) -> torch.Tensor:

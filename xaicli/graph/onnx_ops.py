@@ -1,7 +1,8 @@
 """ONNX operators as torch calls, for the ONNX->torch converter (`onnx_convert`).
 
 A value is a tensor, or - for shape arithmetic (Shape -> Gather -> Concat -> Reshape) - a
-Python list of ints (1-D) or a Python number (0-D). Entries may be torch.SymInt: the batch
+Python list of ints (1-D), a Python number (0-D), or a numpy int array (2-D and more: the
+exporters' F.pad spelling reshapes pads to [n, 2], reverses and transposes them). Entries may be torch.SymInt: the batch
 size while torch.export traces, which is how the batch stays dynamic. Small integer
 constants arrive as lists already (see `onnx_convert`). Each handler takes
 `(a: Attrs, *inputs)`; inputs that moved from attributes to inputs across opsets 13-21 are
@@ -13,6 +14,7 @@ import math
 import operator
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,13 +42,15 @@ class Attrs(dict):
 
 def is_listy(v: Value) -> bool:
     """A shape-arithmetic value (list or number), not a tensor."""
-    return isinstance(v, (list, int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)
+    return isinstance(v, (list, int, float, torch.SymInt, torch.SymFloat, np.ndarray)) and not isinstance(v, bool)
 
 
 def ints(v: Value) -> list:
     """A shape-like input as a list of (Sym)ints."""
     if isinstance(v, torch.Tensor):
         return [int(i) for i in v.reshape(-1).tolist()]
+    if isinstance(v, np.ndarray):
+        return [int(i) for i in v.reshape(-1)]
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
@@ -56,7 +60,21 @@ def as_list(v: Value) -> list | int | float:
         if v.dim() > 1:
             raise ValueError("shape arithmetic on tensors of rank > 1")
         return v.tolist()
+    if isinstance(v, np.ndarray):
+        if v.ndim > 1:
+            raise ValueError("shape arithmetic on tensors of rank > 1")
+        return v.tolist()
     return v
+
+
+def static_array(v: Value) -> np.ndarray | None:
+    """A shape value with no symbolic entry as a numpy array (None if it holds a SymInt)."""
+    if isinstance(v, np.ndarray):
+        return v
+    flat = v if isinstance(v, list) else [v]
+    if all(isinstance(i, (int, float)) and not isinstance(i, bool) for i in flat):
+        return np.array(v)
+    return None
 
 
 def as_tensor_arg(v: Value, like: torch.Tensor) -> Any:
@@ -147,6 +165,8 @@ def _to_int(v: Any) -> Any:
 
 def cast(a: Attrs, x: Value) -> Value:
     dtype = ONNX_DTYPES[a["to"]]
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64 if dtype.is_floating_point else np.int64)
     if is_listy(x):
         conv = _to_float if dtype.is_floating_point else (bool if dtype == torch.bool else _to_int)
         return [conv(v) for v in x] if isinstance(x, list) else conv(x)
@@ -354,10 +374,18 @@ def _batched(x: torch.Tensor) -> bool:
 def reshape(a: Attrs, x: Value, target: Value) -> Value:
     dims = ints(target)
     if is_listy(x):
+        array = static_array(x)
+        if array is not None and not (len(dims) == 1 and array.ndim <= 1):
+            return _shape_value(array.reshape(dims))
         return as_list(x) if dims in ([-1], [len(as_list(x))]) else _unsupported_shape_math("Reshape")
     if not a.get("allowzero", 0):
         dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
     return x.reshape(_keep_batch(a, dims, _batched(x)))
+
+
+def _shape_value(array: np.ndarray) -> Value:
+    """A numpy result of shape arithmetic in the usual form: a list for 1-D, a number for 0-D."""
+    return array.tolist() if array.ndim <= 1 else array
 
 
 def flatten(a: Attrs, x: torch.Tensor) -> torch.Tensor:
@@ -371,6 +399,8 @@ def flatten(a: Attrs, x: torch.Tensor) -> torch.Tensor:
 
 
 def transpose(a: Attrs, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        return _shape_value(x.transpose(a.get("perm")))
     perm = a.get("perm", list(reversed(range(x.dim()))))
     return x.permute(list(perm))
 
@@ -406,16 +436,28 @@ def _index_list(starts, ends, axes, steps, rank) -> list:
 def slice_(a: Attrs, x: Value, starts: Value = None, ends: Value = None, axes: Value = None, steps: Value = None) -> Value:
     starts = ints(starts) if starts is not None else list(a["starts"])
     ends = ints(ends) if ends is not None else list(a["ends"])
-    rank = x.dim() if isinstance(x, torch.Tensor) else 1
+    rank = x.dim() if isinstance(x, torch.Tensor) else x.ndim if isinstance(x, np.ndarray) else 1
     axes = [ax % rank for ax in (ints(axes) if axes is not None else a.get("axes", range(len(starts))))]
     steps = ints(steps) if steps is not None else [1] * len(starts)
-    if any(st < 0 for st in steps):
-        raise UnsupportedForm("Slice with negative steps")
+    if isinstance(x, np.ndarray):
+        return _shape_value(x[tuple(_index_list(starts, ends, axes, steps, rank))])
     if is_listy(x):
         return as_list(x)[_index_list(starts, ends, axes, steps, 1)[0]]
+    for i, (ax, st) in enumerate(zip(axes, steps)):
+        if st < 0:  # torch slices forward only: reverse the axis and slice it forward
+            x, starts[i], ends[i], steps[i] = x.flip(ax), *_reversed_range(starts[i], ends[i], st, x.shape[ax])
     ends = [min(e, x.shape[ax]) if isinstance(x.shape[ax], int) else e for e, ax in zip(ends, axes)]
     ends = [None if e >= 2**62 else e for e in ends]
     return x[tuple(_index_list(starts, ends, axes, steps, rank))]
+
+
+def _reversed_range(start: int, end: int, step: int, n: int) -> tuple[int, int, int]:
+    """ONNX's backward slice start:end:step (step < 0) of an axis of size n, as a forward slice
+    of the flipped axis: (start, end, step) there."""
+    start = min(start + n if start < 0 else start, n - 1)
+    end = -1 if end < -n else max(end + n if end < 0 else end, -1)
+    end = min(end, n - 1)
+    return n - 1 - start, n - 1 - end, -step
 
 
 def gather(a: Attrs, x: Value, indices: Value) -> Value:
@@ -503,6 +545,48 @@ def range_(a: Attrs, start: Value, limit: Value, delta: Value) -> Value:
     if all(isinstance(v, int) for v in (start, limit, delta)) and (limit - start) // delta <= 8:
         return list(range(start, limit, delta))
     return torch.arange(start, limit, delta)
+
+
+INTERPOLATION = {  # (mode, coordinate_transformation_mode) -> (torch mode, align_corners)
+    ("linear", "half_pixel"): ("linear", False), ("linear", "pytorch_half_pixel"): ("linear", False),
+    ("linear", "align_corners"): ("linear", True), ("cubic", "half_pixel"): ("cubic", False),
+    ("cubic", "pytorch_half_pixel"): ("cubic", False), ("cubic", "align_corners"): ("cubic", True),
+    ("nearest", "asymmetric"): ("nearest", None),
+}
+TORCH_MODES = {("linear", 3): "linear", ("linear", 4): "bilinear", ("linear", 5): "trilinear", ("cubic", 4): "bicubic",
+               ("nearest", 3): "nearest", ("nearest", 4): "nearest", ("nearest", 5): "nearest"}
+
+
+def resize(a: Attrs, x: torch.Tensor, roi: Value = None, scales: Value = None, sizes: Value = None) -> torch.Tensor:
+    """ONNX Resize of the spatial axes as F.interpolate (the forms torch.onnx writes)."""
+    mode, coords = a.get("mode", "nearest"), a.get("coordinate_transformation_mode", "half_pixel")
+    nearest_mode = a.get("nearest_mode", "round_prefer_floor")
+    if a.get("antialias", 0) or a.get("axes") is not None or (mode == "nearest" and nearest_mode != "floor"):
+        raise UnsupportedForm(f"Resize with mode {mode!r}, nearest_mode {nearest_mode!r}, antialias or axes")
+    if (mode, coords) not in INTERPOLATION or (mode, x.dim()) not in TORCH_MODES:
+        raise UnsupportedForm(f"Resize with mode {mode!r} and coordinate_transformation_mode {coords!r} on {x.dim()}-D input")
+    if mode == "cubic" and not math.isclose(a.get("cubic_coeff_a", -0.75), -0.75):
+        raise UnsupportedForm("Resize with cubic_coeff_a other than -0.75")
+    align = INTERPOLATION[mode, coords][1]
+    sizes_ = ints(sizes) if sizes is not None and not (isinstance(sizes, torch.Tensor) and sizes.numel() == 0) else []
+    scales_ = [float(v) for v in ints_or_floats(scales)] if scales is not None and not sizes_ else []
+    if sizes_:
+        if any(isinstance(d, int) and isinstance(s, int) and d != s for d, s in zip(sizes_[:2], x.shape[:2])):
+            raise UnsupportedForm("Resize of the batch or channel axis")
+        kwargs: dict = {"size": list(sizes_[2:])}
+    elif scales_:
+        if scales_[:2] != [1.0, 1.0]:
+            raise UnsupportedForm("Resize of the batch or channel axis")
+        kwargs = {"scale_factor": scales_[2:], "recompute_scale_factor": False}
+    else:
+        raise UnsupportedForm("Resize without scales or sizes")
+    return F.interpolate(x, mode=TORCH_MODES[mode, x.dim()], align_corners=align, **kwargs)
+
+
+def ints_or_floats(v: Value) -> list:
+    if isinstance(v, torch.Tensor):
+        return v.reshape(-1).tolist()
+    return list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
 
 
 def identity(a: Attrs, x: Value) -> Value:
@@ -609,6 +693,7 @@ OPS: dict[str, Callable] = {
     "ConstantOfShape": constant_of_shape,
     "Range": range_,
     "Identity": identity,
+    "Resize": resize,
     "Dropout": dropout,
 }
 MULTI_OUTPUT = {"Split"}

@@ -10,11 +10,11 @@ input relevance sums to about f_t(x) where the rules conserve.
 """
 from .canonize import canonize
 from .composites import COMPOSITES, Composite, Settings, composite, parse_rule, parse_rules_by_name, parse_rules_by_type
-from .engine import LRP, Result, UnknownLayer, explain
+from .engine import LRP, Result, UnknownLayer, conservation, explain, leaks
 from .nodes import KINDS
 from .rules import RULES
 
 __all__ = [
     "COMPOSITES", "KINDS", "LRP", "RULES", "Composite", "Result", "Settings", "UnknownLayer", "canonize", "composite",
-    "explain", "parse_rule", "parse_rules_by_name", "parse_rules_by_type",
+    "conservation", "explain", "leaks", "parse_rule", "parse_rules_by_name", "parse_rules_by_type",
 ]

@@ -5,13 +5,30 @@ node in graph order (Zennit's first-layer map). Users refine it with `rules_by_t
 and `rules_by_name` (layer name -> rule, for every node inside that layer that the rule applies to).
 Precedence: by name, then the first-layer rule, then by type (user's, then the composite's).
 Rule specs are strings: "epsilon", "epsilon:0.1", "gamma:0.25", "alpha_beta:2,1", "z_plus",
-"z_box:-3,3", "flat", "w_square", "norm", "pass", "gradient"; without numbers they take the
+"z_box:-3,3", "flat", "w_square", "norm", "pass", "gradient", and for transformers "uniform"/"uniform:ε"
+(matmul), "std_constant"/"std_constant:ε" (norm), "taylor" (softmax); without numbers they take the
 composite's epsilon, gamma, low/high and stabiliser.
 
-Every composite maps activation/norm -> pass, sum/pool -> norm, maxpool -> gradient, linear -> epsilon
-(Zennit's base map). Beyond Zennit, which has no rule for functional ops: gates (x·sigmoid(...),
-squeeze-excitation) pass relevance to the signal, and attention products treat the softmax weights
-as constants (norm rule on the values).
+Zennit's composites map activation/norm -> pass, sum/pool -> norm, maxpool -> gradient, linear ->
+epsilon (Zennit's base map). Beyond Zennit, which has no rule for functional ops: gates (x·sigmoid(...),
+squeeze-excitation) pass relevance to the signal, divisions by a graph tensor to the numerator,
+products of two same-shaped graph tensors half to each, and attention products treat the softmax
+weights as constants (norm rule on the values); softmax keeps the gradient.
+
+The transformer composites (Achtibat et al., ICML 2024), no first-layer rule (the patch embedding
+takes conv/linear's epsilon):
+
+    kind        AttnLRP                  CPLRP (LXT's torchvision-ViT map)
+    conv        epsilon                  epsilon
+    linear      epsilon                  epsilon
+    matmul      uniform (ε, ½ each,      epsilon (softmax weights constant,
+                incl. attention weights) all to the values; else ½ each)
+    softmax     taylor                   taylor (reached only off attention)
+    norm        std_constant (σ const)   std_constant
+    activation  pass (identity)          pass
+    gate        pass                     pass
+    sum, pool   norm                     norm
+    maxpool     gradient                 gradient
 """
 from __future__ import annotations
 
@@ -20,10 +37,12 @@ from typing import Any, Mapping
 
 from ..suggest import did_you_mean
 from .nodes import KINDS
-from .rules import (RULES, AlphaBeta, Bound, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, WSquare, ZBox,
-                    ZPlus)
+from .rules import (RULES, AlphaBeta, Bound, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, StdConstant, Taylor,
+                    Uniform, WSquare, ZBox, ZPlus)
 
-COMPOSITES = ("EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox")
+COMPOSITES = ("EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox",
+              "AttnLRP", "CPLRP")
+TRANSFORMER_COMPOSITES = ("AttnLRP", "CPLRP")
 
 
 @dataclass(frozen=True)
@@ -67,14 +86,18 @@ class Composite:
 
 
 def composite(name: str, settings: Settings | None = None) -> Composite:
-    """One of Zennit's composites by name (COMPOSITES), with `settings`' numbers."""
+    """A composite by name (COMPOSITES: Zennit's, AttnLRP, CPLRP), with `settings`' numbers."""
     s = settings or Settings()
     if name not in COMPOSITES:
         raise ValueError(f"unknown composite {name!r}{did_you_mean(name, COMPOSITES)}; known: {', '.join(COMPOSITES)}")
     base: dict[str, Rule] = {
         "activation": Pass(), "norm": Pass(), "gate": Pass(), "sum": Norm(s.stabilizer), "pool": Norm(s.stabilizer),
-        "maxpool": Gradient(), "linear": Epsilon(s.epsilon), "matmul": Norm(s.stabilizer),
+        "maxpool": Gradient(), "linear": Epsilon(s.epsilon), "matmul": Norm(s.stabilizer), "softmax": Gradient(),
     }
+    if name in TRANSFORMER_COMPOSITES:
+        matmul: Rule = Uniform(s.epsilon) if name == "AttnLRP" else Epsilon(s.epsilon)
+        return Composite(name, {**base, "conv": Epsilon(s.epsilon), "norm": StdConstant(s.epsilon), "matmul": matmul,
+                                "softmax": Taylor()})
     conv: Rule = {"EpsilonPlus": ZPlus(s.stabilizer), "EpsilonPlusFlat": ZPlus(s.stabilizer),
                   "EpsilonGammaBox": Gamma(s.gamma, s.stabilizer)}.get(name, AlphaBeta(2.0, 1.0, s.stabilizer))
     if name.endswith("Flat"):
@@ -94,10 +117,12 @@ def parse_rule(spec: Any, settings: Settings | None = None) -> Rule:
     if name not in RULES:
         raise ValueError(f"unknown rule {name!r}{did_you_mean(name, RULES)}; rules: {', '.join(RULES)}")
     numbers = _numbers(spec, rest)
-    expected = {"epsilon": 1, "gamma": 1, "alpha_beta": 2, "z_box": 2, "norm": 1}.get(name, 0)
+    expected = {"epsilon": 1, "gamma": 1, "alpha_beta": 2, "z_box": 2, "norm": 1, "uniform": 1,
+                "std_constant": 1}.get(name, 0)
     if numbers and len(numbers) != expected:
         usage = {"epsilon": "epsilon:0.1", "gamma": "gamma:0.25", "alpha_beta": "alpha_beta:2,1",
-                 "z_box": "z_box:-3,3", "norm": "norm:1e-6"}.get(name)
+                 "z_box": "z_box:-3,3", "norm": "norm:1e-6", "uniform": "uniform:1e-6",
+                 "std_constant": "std_constant:1e-6"}.get(name)
         hint = f"e.g. {usage}" if usage else "it takes no numbers"
         raise ValueError(f"rule {spec!r}: {name} takes {expected} number(s), got {len(numbers)}; {hint}")
     return _build(name, numbers, s)
@@ -124,10 +149,16 @@ def _build(name: str, n: list[float], s: Settings) -> Rule:
             return ZBox(n[0], n[1], s.stabilizer) if n else ZBox(s.low, s.high, s.stabilizer)
         if name == "norm":
             return Norm(n[0] if n else s.stabilizer)
+        if name in ("uniform", "std_constant"):
+            epsilon = n[0] if n else s.epsilon
+            if epsilon < 0:
+                raise ValueError(f"epsilon must be >= 0; got {epsilon}")
+            return Uniform(epsilon) if name == "uniform" else StdConstant(epsilon)
     except ValueError as exc:
         raise ValueError(f"rule {name}: {exc}") from None
     simple: dict[str, Rule] = {"z_plus": ZPlus(s.stabilizer), "flat": Flat(s.stabilizer),
-                               "w_square": WSquare(s.stabilizer), "pass": Pass(), "gradient": Gradient()}
+                               "w_square": WSquare(s.stabilizer), "pass": Pass(), "gradient": Gradient(),
+                               "taylor": Taylor()}
     return simple[name]
 
 

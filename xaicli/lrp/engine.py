@@ -16,9 +16,9 @@ from torch import fx
 
 from .canonize import canonize
 from .composites import Composite
-from .nodes import display_names, kind, layer_index, nonnegative, normalise, packet, tensor_args
-from .ops import LinearOp, linear_op
-from .rules import Call, LayerRule, Rule
+from .nodes import bind, display_names, kind, layer_index, nonnegative, normalise, packet, signal, tensor_args
+from .ops import LinearOp, linear_norm, linear_op
+from .rules import Call, LayerRule, Pass, Rule
 
 
 @dataclass
@@ -32,16 +32,24 @@ class Step:
     op: LinearOp | None
     nonneg: bool
     positive_only: bool = False  # relevance reaches only outputs > 0 (see `_positive_only`)
+    meta: dict[str, Any] = field(default_factory=dict)  # what the rule needs of the node (Call.meta)
 
 
 @dataclass
 class Result:
-    """Input relevance [B, ...], the logits [B, K], and relevance and outputs (activations) of named layers."""
+    """Input relevance [B, ...], the logits [B, K], and relevance and outputs (activations) of named layers.
+
+    `explained` is the target logit f_t(x) [B] relevance starts from; `flows` (when asked for) maps each
+    compute node's name to (Σ R at its output, Σ R it sends to its graph inputs), both summed over the
+    batch (0-d tensors): what a node's rule loses is the difference (see `leaks`).
+    """
 
     relevance: torch.Tensor
     logits: torch.Tensor
     recorded: dict[str, torch.Tensor]
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
+    explained: torch.Tensor | None = None
+    flows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class UnknownLayer(ValueError):
@@ -74,21 +82,24 @@ class LRP:
         self.steps = self._plan(nodes, composite)
         self.record = {name: self._output_of(name) for name in record}
 
-    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> Result:
-        """Relevance of `x` for the logits `target` [B], starting from R = logit at the target (0 elsewhere)."""
+    def __call__(self, x: torch.Tensor, target: torch.Tensor, flows: bool = False) -> Result:
+        """Relevance of `x` for the logits `target` [B], starting from R = logit at the target (0 elsewhere);
+        `flows`: also each node's relevance in and out (Result.flows)."""
         if self.channels_last:
             x = _channels_last(x)
         env, calls = self._forward(x)
         logits = env[self.output]
         index = target.to(logits.device).view(-1, 1)
-        start = torch.zeros_like(logits).scatter_(1, index, logits.gather(1, index))
-        relevance, found = self._backward(calls, start)
+        explained = logits.gather(1, index)
+        start = torch.zeros_like(logits).scatter_(1, index, explained)
+        sums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if flows else None
+        relevance, found = self._backward(calls, start, sums)
         # a layer no relevance reached (a branch the target does not use) has zero relevance
         recorded = {name: found[node].contiguous() if node in found else torch.zeros_like(env[node]).contiguous()
                     for name, node in self.record.items()}
         activations = {name: env[node] for name, node in self.record.items()}
         return Result((relevance if relevance is not None else torch.zeros_like(x)).contiguous(), logits, recorded,
-                      activations)
+                      activations, explained.squeeze(1), sums or {})
 
     def forward(self, x: torch.Tensor) -> tuple[dict[fx.Node, Any], dict[fx.Node, Call]]:
         """The forward half of `__call__` (layout included): every node's value and each rule's Call,
@@ -111,9 +122,13 @@ class LRP:
             first = first_open and node_kind in composite.first_kinds
             first_open = first_open and not first
             rule = by_name.get(node) or composite.rule_for(node_kind, first)
+            if node_kind == "norm" and isinstance(rule, LayerRule) and not linear_norm(node):
+                rule = Pass()  # a normalisation NormOp does not cover (instance norm, adaptive parameters)
             inputs = tensor_args(node)
-            op = linear_op(node, node_kind, self._constant) if isinstance(rule, LayerRule) else None
-            steps.append(Step(node, node_kind, rule, inputs, op, all(n in positive for n in inputs)))
+            op = (linear_op(node, node_kind, self._constant, rule.softmax_constant)
+                  if isinstance(rule, LayerRule) else None)
+            steps.append(Step(node, node_kind, rule, inputs, op, all(n in positive for n in inputs),
+                              meta=_meta(node, node_kind)))
         for step in _positive_only(steps):
             step.positive_only = True
         return steps
@@ -159,7 +174,8 @@ class LRP:
                 if isinstance(out, torch.Tensor) and out.is_floating_point():
                     inputs = [env[n] for n in step.inputs]
                     op = step.op.bind(inputs) if step.op is not None else None
-                    calls[step.node] = Call(inputs, out, op, step.nonneg, leaves, graph_out, step.positive_only)
+                    calls[step.node] = Call(inputs, out, op, step.nonneg, leaves, graph_out, step.positive_only,
+                                            step.meta)
         return env, calls
 
     def _run(self, step: Step, env: dict[fx.Node, Any]) -> tuple[Any, list[torch.Tensor] | None, Any]:
@@ -176,9 +192,11 @@ class LRP:
             graph_out = step.node.target(*args, **kwargs)
         return graph_out.detach() if isinstance(graph_out, torch.Tensor) else graph_out, leaves, graph_out
 
-    def _backward(self, calls: dict[fx.Node, Call], start: torch.Tensor
+    def _backward(self, calls: dict[fx.Node, Call], start: torch.Tensor,
+                  sums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
                   ) -> tuple[torch.Tensor | None, dict[fx.Node, torch.Tensor]]:
-        """Rules in reverse graph order; returns the input's relevance and that of recorded nodes."""
+        """Rules in reverse graph order; returns the input's relevance and that of recorded nodes
+        (and fills `sums`, when given, with each node's Σ R out and in)."""
         relevance: dict[fx.Node, torch.Tensor] = {self.output: start}
         wanted = set(self.record.values())
         recorded: dict[fx.Node, torch.Tensor] = {}
@@ -189,13 +207,27 @@ class LRP:
                 continue
             if step.node in wanted:
                 recorded[step.node] = r
-            for node, part in zip(step.inputs, step.rule.relevance(call, r) if step.inputs else ()):
+            parts = list(zip(step.inputs, step.rule.relevance(call, r) if step.inputs else ()))
+            if sums is not None:
+                sent = [part.sum() for _, part in parts if part is not None]
+                sums[step.node.name] = (r.sum(), torch.stack(sent).sum() if sent else r.new_zeros(()))
+            for node, part in parts:
                 if part is not None:
                     relevance[node] = relevance[node] + part if node in relevance else part
         return relevance.get(self.input), recorded
 
 
 _RELU = {"relu", "relu6"}
+
+
+def _meta(node: fx.Node, node_kind: str) -> dict[str, Any]:
+    """Facts about a node its rule needs at run time: a softmax's dim, a gate's signal inputs."""
+    if node_kind == "softmax":
+        return {"dim": int(bind(node).get("dim", -1))}
+    if node_kind == "gate":
+        found = signal(node)
+        return {"signal": found} if found is not None else {}
+    return {}
 
 
 def _positive_only(steps: list[Step]) -> list[Step]:
@@ -237,6 +269,31 @@ def _positive_only(steps: list[Step]) -> list[Step]:
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     """NHWC layout for 4-D tensors: oneDNN's convolutions run markedly faster in it on CPUs."""
     return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
+
+
+def conservation(result: Result) -> torch.Tensor:
+    """Relative conservation error per sample [B]: |Σ R_input − f_t(x)| / |f_t(x)| (0: all of the target
+    logit reached the input; NaN where the logit is 0)."""
+    if result.explained is None:
+        raise ValueError("conservation needs a Result from LRP.__call__ (it records the target logit)")
+    explained = result.explained.to(result.relevance.dtype)
+    total = result.relevance.flatten(1).sum(1)
+    return (total - explained).abs() / explained.abs()
+
+
+def leaks(result: Result, share: float = 0.05) -> list[tuple[str, float]]:
+    """Nodes whose rule loses (or creates) more than `share` of the explained relevance, largest first:
+    (node name, (Σ R out − Σ R in) / Σ_batch |f_t(x)|). Needs `LRP(...)(x, target, flows=True)`.
+
+    Relevance leaves through biases and other constants (a class token, positional embeddings), through
+    non-conservative rules (AttnLRP's softmax) and through rules that drop an operand (a divisor).
+    """
+    if not result.flows:
+        raise ValueError("leaks needs a Result computed with flows=True")
+    scale = result.explained.abs().sum() if result.explained is not None else torch.tensor(1.0)
+    scale = scale.clamp(min=torch.finfo(scale.dtype).tiny)
+    found = [(name, float((out - sent) / scale)) for name, (out, sent) in result.flows.items()]
+    return sorted([(n, v) for n, v in found if abs(v) > share], key=lambda item: -abs(item[1]))
 
 
 def explain(graph: fx.GraphModule, x: torch.Tensor, target: torch.Tensor, composite: Composite,

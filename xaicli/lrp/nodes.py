@@ -7,9 +7,11 @@ Kinds are the keys of `rules_by_type`; every call_function node gets one:
     sum         add / sub of graph tensors (residual sums; constants act as biases)
     pool        average pooling, adaptive average pooling, mean / sum over dims
     maxpool     max pooling (and amax)
-    activation  element-wise non-linearities (relu, gelu, silu, hardswish, ...)
-    norm        normalisation layers left after canonization (batch/layer/group norm)
-    gate        products with a gate or constant: mul, and div by a constant
+    activation  element-wise non-linearities (relu, gelu, silu, hardswish, ..., c / x of a graph tensor x)
+    norm        normalisation layers left after canonization (batch/layer/group/RMS norm)
+    softmax     softmax (attention weights, and any other softmax)
+    gate        element-wise products: mul (by a constant, a gate, or another graph tensor), and div
+                (by a constant, or by a graph tensor: the divisor is then held constant, see `signal`)
     matmul      products of two graph tensors (attention: softmax(q·kᵀ)·v)
     shape       re-arrangements without arithmetic (view, flatten, cat, slice, ...): always the gradient
     other       anything else: the gradient (as Zennit does for modules without a rule)
@@ -23,7 +25,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
-KINDS = ("conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "gate", "matmul")
+KINDS = ("conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "softmax", "gate", "matmul")
 """Kinds a user may assign rules to (`rules_by_type` keys)."""
 
 _CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d", "conv_transpose2d",
@@ -42,7 +44,8 @@ _SHAPE = {"view", "_unsafe_view", "reshape", "flatten", "unflatten", "permute", 
           "chunk", "unbind", "narrow", "contiguous", "clone", "alias", "dropout", "feature_dropout",
           "constant_pad_nd", "pad", "pixel_shuffle", "pixel_unshuffle", "repeat", "index_select", "movedim",
           "_to_copy", "to", "detach", "lift_fresh_copy", "view_as", "flip", "roll"}
-_NONNEG = {"relu", "relu6", "sigmoid", "hardsigmoid", "softmax", "_softmax", "exp", "abs", "sqrt", "rsqrt"}
+_SOFTMAX = {"softmax", "_softmax", "_safe_softmax"}
+_NONNEG = {"relu", "relu6", "sigmoid", "hardsigmoid", *_SOFTMAX, "exp", "abs", "sqrt", "rsqrt"}
 
 
 def packet(node: fx.Node) -> str:
@@ -106,6 +109,8 @@ def kind(node: fx.Node) -> str:
         return _gate_kind(node, name)
     if name in ("matmul", "bmm", "mm"):
         return "matmul" if len(tensor_args(node)) == 2 else "other"
+    if name in _SOFTMAX:
+        return "softmax"
     for table, label in ((_NORM, "norm"), (_ACTIVATION, "activation"), (_POOL, "pool"), (_MAXPOOL, "maxpool"),
                          (_SHAPE, "shape")):
         if name in table:
@@ -118,9 +123,21 @@ def _gate_kind(node: fx.Node, name: str) -> str:
     if not graph_inputs:
         return "other"
     if name == "div":
-        other = node.args[1] if len(node.args) > 1 else None
-        return "gate" if not (isinstance(other, fx.Node) and other in graph_inputs) else "other"
+        numerator = node.args[0]
+        if not (isinstance(numerator, fx.Node) and numerator in graph_inputs):
+            return "activation"  # c / x: an element-wise function of the divisor (a reciprocal)
     return "gate"
+
+
+def signal(node: fx.Node) -> tuple[int, ...] | None:
+    """Positions (in `tensor_args` order) of a gate node's inputs that carry the signal, None: all.
+
+    A division by a graph tensor keeps the divisor as a constant: only the numerator (the first
+    graph input) receives relevance, as a gate's signal does.
+    """
+    if packet(node) == "div" and len(tensor_args(node)) > 1:
+        return (0,)
+    return None
 
 
 def softmax_operand(node: fx.Node) -> int | None:
@@ -128,9 +145,15 @@ def softmax_operand(node: fx.Node) -> int | None:
     for index, arg in enumerate(node.args[:2]):
         while isinstance(arg, fx.Node) and arg.op == "call_function" and kind(arg) == "shape":
             arg = arg.args[0]
-        if isinstance(arg, fx.Node) and arg.op == "call_function" and packet(arg) in ("softmax", "_softmax"):
+        if isinstance(arg, fx.Node) and arg.op == "call_function" and packet(arg) in _SOFTMAX:
             return index
     return None
+
+
+def has_attention(nodes: Iterable[fx.Node]) -> bool:
+    """Whether a graph holds attention: a softmax feeding (maybe re-arranged) a product of two graph tensors."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and kind(n) == "matmul"
+               and softmax_operand(n) is not None for n in nodes)
 
 
 def nonnegative(nodes: Iterable[fx.Node]) -> set[fx.Node]:

@@ -211,7 +211,7 @@ class SumOp(LinearOp):
 
     def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
         scales = [scale * factor(mod) * c for c in self.coefs]
-        return [_sum_to(g if k == 1.0 else k * g, u.shape) for k, u in zip(scales, like)]
+        return [sum_to(g if k == 1.0 else k * g, u.shape) for k, u in zip(scales, like)]
 
     def bias(self, mod: Mod) -> torch.Tensor | float:
         return factor(mod) * self.const
@@ -244,16 +244,17 @@ class FuncOp(LinearOp):
 
 
 class MatmulOp(LinearOp):
-    """a @ b of two graph tensors, linear in each. With attention weights (a softmax) as one operand,
-    that operand is the weights and gets no relevance (Ali et al. 2022); otherwise each operand
-    gets half (each alone explains the whole product)."""
+    """a @ b of two graph tensors, linear in each. With `softmax_constant` and attention weights (a
+    softmax) as one operand, that operand is held constant and gets no relevance (CP-LRP, Ali et al.
+    2022); otherwise each operand gets half (the uniform rule, AttnLRP's Prop. 3.3: each alone
+    explains the whole product)."""
 
     positive = True
 
-    def __init__(self, node: fx.Node, constant: Callable[[Any], Any]):
+    def __init__(self, node: fx.Node, constant: Callable[[Any], Any], softmax_constant: bool = True):
         from .nodes import softmax_operand
 
-        self.gate = softmax_operand(node)
+        self.gate = softmax_operand(node) if softmax_constant else None
         self.values: list[torch.Tensor] = []
 
     def bind(self, inputs: list[torch.Tensor]) -> "LinearOp":
@@ -268,9 +269,115 @@ class MatmulOp(LinearOp):
     def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
         a, b = self.values
         k = scale * factor(mod) * (1.0 if self.gate is not None else 0.5)
-        to_a = None if self.gate == 0 else _sum_to(k * (g @ b.transpose(-1, -2)), a.shape)
-        to_b = None if self.gate == 1 else _sum_to(k * (a.transpose(-1, -2) @ g), b.shape)
+        to_a = None if self.gate == 0 else sum_to(k * (g @ b.transpose(-1, -2)), a.shape)
+        to_b = None if self.gate == 1 else sum_to(k * (a.transpose(-1, -2) @ g), b.shape)
         return [to_a, to_b]  # type: ignore[list-item]
+
+
+NORMS = ("layer_norm", "rms_norm", "group_norm", "batch_norm")
+"""Normalisations NormOp writes as linear maps (the others keep the pass rule)."""
+
+
+def linear_norm(node: fx.Node) -> bool:
+    """Whether NormOp covers `node`: a NORMS op whose only graph input is the normalised signal,
+    with constant (or no) affine parameters and, for batch norm, running statistics in eval mode."""
+    from .nodes import is_constant, tensor_args
+
+    name = packet(node)
+    if name not in NORMS or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    args = bind(node)
+    params = [args.get(k) for k in ("weight", "bias", "running_mean", "running_var")]
+    if any(p is not None and not is_constant(p) for p in params):
+        return False
+    if name == "batch_norm" and (args.get("training") or args.get("running_mean") is None):
+        return False
+    return tensor_args(node) == [args["input"]]
+
+
+class NormOp(LinearOp):
+    """A normalisation with its scale σ held constant (AttnLRP's identity rule on the division by σ):
+    y = w ⊙ (x − mean x)/σ + b is then linear in x (layer/group norm; RMS norm has no mean; eval batch
+    norm is per-channel affine). σ is computed from each call's input, as the forward does. Parameter
+    modifiers act on w and b."""
+
+    parametric = True
+
+    def __init__(self, node: fx.Node, constant: Callable[[Any], Any]):
+        args = bind(node)
+        self.name = packet(node)
+        self.eps = args.get("eps")
+        self.groups = int(args.get("num_groups", 1))
+        self.dims = len(args["normalized_shape"]) if "normalized_shape" in args else 0
+        weight = constant(args["weight"]) if args.get("weight") is not None else None
+        bias_ = constant(args["bias"]) if args.get("bias") is not None else None
+        if self.name == "batch_norm":  # (x − μ)·w/√(v+eps) + b = a·x + (b − a·μ)
+            inv = (constant(args["running_var"]) + self.eps).rsqrt()
+            weight = inv if weight is None else weight * inv
+            shift = -weight * constant(args["running_mean"])
+            bias_ = shift if bias_ is None else bias_ + shift
+        self.weight, self.bias_ = weight, bias_
+        self.inv: torch.Tensor | None = None
+        self.ndim = 2
+
+    def bind(self, inputs: list[torch.Tensor]) -> "LinearOp":
+        bound = NormOp.__new__(NormOp)
+        bound.__dict__.update(self.__dict__)
+        bound.inv, bound.ndim = self._inverse_scale(inputs[0]), inputs[0].ndim
+        return bound
+
+    def _inverse_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """1/σ of this input, broadcastable to it ([N, G, 1] for group norm), None for batch norm."""
+        if self.name == "batch_norm":
+            return None
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        if self.name == "group_norm":
+            grouped = x.reshape(x.shape[0], self.groups, -1)
+            return (grouped.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+        dims = tuple(range(-self.dims, 0))
+        if self.name == "rms_norm":
+            return (x.pow(2).mean(dims, keepdim=True) + eps).rsqrt()
+        return (x.var(dims, unbiased=False, keepdim=True) + eps).rsqrt()
+
+    def _param(self, p: torch.Tensor | None) -> torch.Tensor | None:
+        if p is None or self.name in ("layer_norm", "rms_norm"):
+            return p
+        return p.reshape(-1, *[1] * (self.ndim - 2))  # per channel (dim 1)
+
+    def _normalise(self, u: torch.Tensor) -> torch.Tensor:
+        """(u − mean u)/σ with the bound σ: the linear map before the affine weights (self-adjoint).
+        `u` may hold k·B rows (k stacked copies of the batch, as conditional LRP's vjps do)."""
+        if self.name == "batch_norm":
+            return u
+        inv = self.inv
+        if inv is not None and u.shape[0] != inv.shape[0]:
+            inv = inv.repeat(u.shape[0] // inv.shape[0], *[1] * (inv.ndim - 1))
+        if self.name == "group_norm":
+            grouped = u.reshape(u.shape[0], self.groups, -1)
+            return ((grouped - grouped.mean(-1, keepdim=True)) * inv).reshape(u.shape)
+        if self.name == "rms_norm":
+            return u * inv
+        dims = tuple(range(-self.dims, 0))
+        return (u - u.mean(dims, keepdim=True)) * inv
+
+    def _weights(self, mod: Mod, scale: float) -> torch.Tensor | float:
+        """The modified affine weights (w = 1 when the norm has none), times `scale`."""
+        w = self._param(self.weight)
+        if w is None:
+            return scale * factor(mod)
+        return scale * _modify(w, mod) if scale != 1.0 else _modify(w, mod)
+
+    def apply(self, us: list[torch.Tensor], mod: Mod, bias: bool) -> torch.Tensor:
+        z = self._normalise(us[0]) * self._weights(mod, 1.0)
+        return z + self.bias(mod) if bias else z
+
+    def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
+        return [self._normalise(g * self._weights(mod, scale))]
+
+    def bias(self, mod: Mod) -> torch.Tensor | float:
+        if self.bias_ is None or not isinstance(mod, tuple):
+            return 0.0
+        return self._param(_modify(self.bias_, mod))  # type: ignore[return-value]
 
 
 def _per_dim(value: Any, dims: int) -> list[int]:
@@ -279,7 +386,7 @@ def _per_dim(value: Any, dims: int) -> list[int]:
     return values * dims if len(values) == 1 else values
 
 
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Undo broadcasting: sum `t` down to `shape`."""
     if t.shape == shape:
         return t
@@ -288,8 +395,12 @@ def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True).reshape(shape) if dims else t
 
 
-def linear_op(node: fx.Node, node_kind: str, constant: Callable[[Any], Any]) -> LinearOp:
-    """The LinearOp view of a conv, linear, sum, pool or matmul node."""
+def linear_op(node: fx.Node, node_kind: str, constant: Callable[[Any], Any], softmax_constant: bool = True
+              ) -> LinearOp:
+    """The LinearOp view of a conv, linear, sum, pool, norm or matmul node; `softmax_constant`: attention
+    weights of a matmul get no relevance (see MatmulOp)."""
+    if node_kind == "matmul":
+        return MatmulOp(node, constant, softmax_constant)
     table: dict[str, type[LinearOp]] = {"conv": ConvOp, "linear": DenseOp, "sum": SumOp, "pool": FuncOp,
-                                        "matmul": MatmulOp}
+                                        "norm": NormOp}
     return table[node_kind](node, constant)  # type: ignore[call-arg]

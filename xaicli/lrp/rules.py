@@ -13,16 +13,20 @@ epsilon, gamma, alpha-beta, z⁺, z^B, flat and w² differ in (Zennit 0.5.1's co
   as the rule's definition has no bias and flat drops it too.)
 
 `Pass` hands relevance on unchanged, `Gradient` uses the op's gradient (winner-take-all for max pooling).
+
+AttnLRP's rules (Achtibat et al., ICML 2024): `Taylor` on softmax (Prop. 3.1), `Uniform` on products of
+two graph tensors (ε-rule, half to each operand, Prop. 3.3), `StdConstant` on normalisations (σ held
+constant, then the ε-rule on the linear map), and `Pass` on element-wise activations (identity rule).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from .ops import NEG, P, POS, LinearOp, Mod, factor
+from .ops import NEG, P, POS, LinearOp, Mod, sum_to, factor
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Call:
     leaves: list[torch.Tensor] | None = None  # autograd leaves and output, for the gradient rule
     graph_out: torch.Tensor | None = None
     positive_only: bool = False  # relevance is known to be 0 on outputs <= 0 (e.g. read only by a ReLU)
+    meta: dict[str, Any] = field(default_factory=dict)  # node facts a rule needs: softmax "dim", gate "signal"
 
 
 class Rule(ABC):
@@ -77,6 +82,7 @@ class LayerRule(Rule):
     """Rules for linear ops, evaluated by `propagate`."""
 
     kinds: ClassVar[frozenset[str]] = LINEAR_KINDS
+    softmax_constant: ClassVar[bool] = True  # on matmul: attention weights get no relevance (CP-LRP)
     stabilizer: float
 
     @abstractmethod
@@ -113,6 +119,41 @@ class Norm(LayerRule):
     stabilizer: float = 1e-6
     name: ClassVar[str] = "norm"
     kinds: ClassVar[frozenset[str]] = LINEAR_KINDS | {"matmul"}
+
+    def shares(self) -> tuple[Share, ...]:
+        return (Share((Term("x", P),)),)
+
+
+@dataclass(frozen=True)
+class Uniform(LayerRule):
+    """AttnLRP's rule for a product of two graph tensors (Prop. 3.3): the ε-rule on the bilinear
+    product, half of it to each operand, attention weights included."""
+
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "uniform"
+    kinds: ClassVar[frozenset[str]] = frozenset({"matmul"})
+    softmax_constant: ClassVar[bool] = False
+
+    @property
+    def stabilizer(self) -> float:  # type: ignore[override]
+        return self.epsilon
+
+    def shares(self) -> tuple[Share, ...]:
+        return (Share((Term("x", P),)),)
+
+
+@dataclass(frozen=True)
+class StdConstant(LayerRule):
+    """AttnLRP's rule for normalisations: σ held constant (the identity rule on the division by σ),
+    so y = w ⊙ (x − mean x)/σ + b is linear in x and takes the ε-rule (layer, group, RMS, eval batch norm)."""
+
+    epsilon: float = 1e-6
+    name: ClassVar[str] = "std_constant"
+    kinds: ClassVar[frozenset[str]] = frozenset({"norm"})
+
+    @property
+    def stabilizer(self) -> float:  # type: ignore[override]
+        return self.epsilon
 
     def shares(self) -> tuple[Share, ...]:
         return (Share((Term("x", P),)),)
@@ -230,15 +271,37 @@ class WSquare(LayerRule):
 
 @dataclass(frozen=True)
 class Pass(Rule):
-    """Relevance passes unchanged to the input of the output's shape (split evenly if several)."""
+    """Relevance passes unchanged to the input of the output's shape (split evenly if several: AttnLRP's
+    uniform rule for element-wise products). A division's divisor is held constant: only the inputs
+    in `meta["signal"]` receive relevance. Broadcast inputs get their share summed to their shape."""
 
     name: ClassVar[str] = "pass"
     kinds: ClassVar[frozenset[str]] = frozenset({"activation", "norm", "gate"})
 
     def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
-        full = [i for i, x in enumerate(call.inputs) if x.shape == r.shape] or list(range(len(call.inputs)))
+        signal = call.meta.get("signal")
+        candidates = list(range(len(call.inputs))) if signal is None else list(signal)
+        full = [i for i in candidates if call.inputs[i].shape == r.shape] or candidates
         share = r / len(full) if len(full) > 1 else r
-        return [share if i in full else None for i in range(len(call.inputs))]
+        return [sum_to(share, call.inputs[i].shape) if i in full else None for i in range(len(call.inputs))]
+
+
+@dataclass(frozen=True)
+class Taylor(Rule):
+    """AttnLRP's softmax rule (Prop. 3.1): the softmax linearised at its input x, the rest a bias:
+    R_in = x ⊙ (R − s ⊙ Σ_dim R) along the softmax's dim. Inputs at −∞ (masked positions) get 0.
+    Σ R_in = Σ x_i R_i − (Σ s_i x_i)·Σ R_i: what differs from Σ R stays with the linearisation's bias."""
+
+    name: ClassVar[str] = "taylor"
+    kinds: ClassVar[frozenset[str]] = frozenset({"softmax"})
+
+    def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
+        x = call.inputs[0]
+        s = call.output.to(r.dtype)
+        dim = call.meta.get("dim", -1)
+        dim = dim - call.output.ndim if dim >= 0 else dim  # from the end: r may carry leading concept dims
+        x = torch.where(torch.isneginf(x), 0.0, x).to(r.dtype)
+        return [x * (r - s * r.sum(dim, keepdim=True))]
 
 
 @dataclass(frozen=True)
@@ -247,7 +310,8 @@ class Gradient(Rule):
 
     name: ClassVar[str] = "gradient"
     kinds: ClassVar[frozenset[str]] = frozenset(
-        {"conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "gate", "matmul", "shape", "other"})
+        {"conv", "linear", "sum", "pool", "maxpool", "activation", "norm", "softmax", "gate", "matmul", "shape",
+         "other"})
     needs_graph: ClassVar[bool] = True
 
     def relevance(self, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
@@ -453,6 +517,7 @@ class _Terms:
 
 
 RULES: dict[str, type[Rule]] = {
-    cls.name: cls for cls in (Epsilon, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Pass, Gradient)
+    cls.name: cls for cls in (Epsilon, Norm, ZPlus, AlphaBeta, Gamma, ZBox, Flat, WSquare, Uniform, StdConstant, Taylor,
+                              Pass, Gradient)
 }
 """Rule classes by their spec name (`rules_by_type: {conv: gamma}`)."""
