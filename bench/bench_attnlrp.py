@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +34,8 @@ from xaicli.lrp import LRP, composite
 from xaicli.model import InputSpec, Model, input_gradient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "oracles"))  # LXT's patches for timm
+from bench_lrp import measure  # noqa: E402  (median of interleaved rounds)
+
 SETUPS = {"vit_tiny_patch16_224": 8, "deit_small_patch16_224": 8}
 Run = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -81,18 +81,6 @@ def candidates(name: str, x: torch.Tensor, with_lxt: bool) -> dict[str, Run]:
     if with_lxt:
         runs["LXT AttnLRP"] = lxt_call(net)
     return runs
-
-
-def measure(runs: dict[str, Run], x: torch.Tensor, target: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds per call over interleaved rounds (after one warm-up round)."""
-    times: dict[str, list[float]] = {key: [] for key in runs}
-    for round_ in range(repeats + 1):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run(x, target)
-            if round_:
-                times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def report(name: str, batch: int, seconds: dict[str, float]) -> None:

@@ -22,7 +22,8 @@ class Progress:
 class LogProgress(Progress):
     """One plain line every `every` seconds and at the end (for logs and CI)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, every: float = 5.0, task: str = "explain", unit: str = "inputs"):
+    def __init__(self, stream: TextIO | None = None, every: float = 5.0, task: str = "explain", unit: str = "inputs"):
+        """`stream`: default the sys.stderr of the moment of each line (a notebook or test runner may replace it)."""
         self.stream, self.every, self.task, self.unit = stream, every, task, unit
         self.total = self.done = self.failed = 0
         self.t0 = self.last = time.monotonic()
@@ -49,7 +50,7 @@ class LogProgress(Progress):
         self.message(f"{self.done + self.failed}/{self.total} {self.unit}, {self.failed} failed, {rate:.1f} {self.unit}/s{eta}")
 
     def message(self, text: str) -> None:
-        print(f"xai: {text}", file=self.stream, flush=True)
+        print(f"xai: {text}", file=self.stream or sys.stderr, flush=True)
 
     def close(self) -> None:
         self._line()

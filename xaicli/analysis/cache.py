@@ -17,6 +17,7 @@ import numpy as np
 
 from ..descriptors import AnalysisGroup
 from ..io import atomic_write
+from ..npz import read_npz
 
 FOLDER = "cache"
 
@@ -54,7 +55,6 @@ class EmbeddingCache:
         if not path.is_file():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
+            return read_npz(path)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UsageError
+from ..npz import read_npz
 from ..render import REDUCTIONS, reduce_channels
 
 NORMALISATIONS = ("max_abs", "sum_abs", "none")
@@ -138,11 +139,11 @@ def _load(path: Path, size: tuple[int, int], reduce: str, normalise: str) -> tup
     try:
         if not zipfile.is_zipfile(path):
             return "not an npz archive (empty, truncated or corrupt)"
-        with np.load(path, allow_pickle=False) as data:
-            if "relevance" not in data.files or "target" not in data.files:
-                return "no 'relevance' or 'target' array (not an xai npz)"
-            target = int(np.asarray(data["target"]).reshape(-1)[0])
-            return target, pool(data["relevance"], size, reduce, normalise)
+        data = read_npz(path, ("relevance", "target"))
+        if "relevance" not in data or "target" not in data:
+            return "no 'relevance' or 'target' array (not an xai npz)"
+        target = int(np.asarray(data["target"]).reshape(-1)[0])
+        return target, pool(data["relevance"], size, reduce, normalise)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError, IndexError) as exc:
         return f"unreadable npz: {str(exc).strip() or type(exc).__name__}"
 

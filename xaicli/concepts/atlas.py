@@ -20,6 +20,7 @@ from ..data import discover
 from ..descriptors import InputItem
 from ..errors import UsageError
 from ..io import atomic_write, atomic_write_json
+from ..npz import npz_keys, read_npz
 from .heaps import TopN
 
 OUTPUT = "concepts"
@@ -52,8 +53,7 @@ def open_source(out_dir: Path) -> Source:
     for item in items:
         path = out_dir / "arrays" / OUTPUT / f"{item.stem}.npz"
         if path.is_file():
-            with np.load(path) as data:
-                layers = [k.split(":", 1)[1] for k in data.files if k.startswith("channel_relevance:")]
+            layers = [k.split(":", 1)[1] for k in npz_keys(path) if k.startswith("channel_relevance:")]
             break
     return Source(out_dir, items, layers)
 
@@ -78,11 +78,11 @@ def rows(sources: list[Source], layers: list[str]) -> Iterator[Row]:
             if name in seen or not path.is_file():
                 continue
             seen.add(name)
-            with np.load(path) as data:
-                scores = {layer: {"relevance": data[f"channel_relevance:{layer}"],
-                                  "relevance_max": data[f"channel_relevance_max:{layer}"],
-                                  "activation": data[f"channel_activation:{layer}"]} for layer in layers}
-                label = int(data["target"])
+            data = read_npz(path)
+            scores = {layer: {"relevance": data[f"channel_relevance:{layer}"],
+                              "relevance_max": data[f"channel_relevance_max:{layer}"],
+                              "activation": data[f"channel_activation:{layer}"]} for layer in layers}
+            label = int(data["target"])
             yield Row(name, item.relpath, label, scores)
 
 

@@ -11,11 +11,11 @@ targets) turns decoded inputs into results, and `read_batch` adds what a batch n
 from __future__ import annotations
 
 import threading
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from ..chunking import ChunkSizer
@@ -24,6 +24,7 @@ from ..data import Decoded, DecodeLimits, Failed, decode, load_mask
 from ..descriptors import InputItem
 from ..errors import InputError, UsageError, XaiError
 from ..model import GraphUnavailable, Model, check_needs
+from ..npz import read_npz
 from ..plan import Plan
 from ..recipe import problems_of
 from ..targets import Targets
@@ -191,13 +192,13 @@ def _reused_arrays(folder: Path, decoded: list[Decoded], device: torch.device) -
     for i, d in enumerate(decoded):
         path = folder / f"{d.item.stem}.npz"
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                r = torch.from_numpy(npz["relevance"])
-                if r.shape != x.shape[1:]:
-                    raise InputError(f"relevance shape {tuple(r.shape)} does not match the input {tuple(x.shape[1:])}")
-                relevance[i], target[i] = r, int(npz["target"])
+            npz = read_npz(path, ("relevance", "target"))
+            r = torch.from_numpy(npz["relevance"])
+            if r.shape != x.shape[1:]:
+                raise InputError(f"relevance shape {tuple(r.shape)} does not match the input {tuple(x.shape[1:])}")
+            relevance[i], target[i] = r, int(npz["target"])
             errors.append(None)
-        except (OSError, KeyError, ValueError, InputError) as exc:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, InputError) as exc:
             errors.append(InputError(f"{path}: {describe_load(exc) if not isinstance(exc, InputError) else exc}", stage="from"))
     return Reused(relevance.to(device), target.to(device), errors)
 

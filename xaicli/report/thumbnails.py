@@ -21,6 +21,7 @@ from ..data import discover, escaped, load_image, preprocess
 from ..errors import InputError
 from ..io import atomic_write
 from ..model import InputSpec
+from ..npz import read_npz
 from ..render import denormalise, normalise
 from .collect import Run
 
@@ -91,8 +92,7 @@ def _load(run: Run, method: str, key: str, table: Table) -> dict[str, np.ndarray
     if path is None:
         return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in ("relevance", "target", "prob", "predicted", "input") if k in data.files}
+        arrays = read_npz(path, ("relevance", "target", "prob", "predicted", "input"))
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         table.problems.append(f"{escaped(str(path))}: cannot be read ({type(exc).__name__}: {exc})")
         return None
