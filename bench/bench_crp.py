@@ -17,8 +17,9 @@ lies below them, the costly case for CRP), median of interleaved rounds.
   compared with ours too (max relative difference).
 
 Atlas part: N synthetic 64×64 PNG images (seeded noise and shapes), resnet18 as TorchScript at 64×64;
-`xai concepts` (the concept_scores run + the atlas; with and without reference grids) against an
-`xai explain -m lrp` run writing NPZ arrays over the same files, batch 16, one process.
+`xai concepts` (the concept_scores run + the atlas; with reference grids too with --references) against
+an `xai explain -m lrp` run writing NPZ arrays over the same files, batch 16, one process, median of
+interleaved rounds.
 """
 from __future__ import annotations
 
@@ -173,23 +174,29 @@ def bench_atlas(args: argparse.Namespace) -> None:
         model = root / "resnet18.pt"
         torch.jit.save(torch.jit.trace(net, torch.zeros(2, 3, 64, 64)), str(model), _extra_files={"xai.json": json.dumps(spec)})
         common = {"batch_size": 16, "device": "cpu"}
-        times: dict[str, float] = {}
-        for key, run in (
-            ("lrp run", lambda out: xaicli.explain(model, root / "images", methods=["lrp"], output=out,
-                                                   writers={"npz": {}}, **common)),
-            ("atlas", lambda out: concepts(model, [root / "images"], layers=["layer4"], output=out, top=8,
-                                           references=False, **common)),
-            ("atlas + references", lambda out: concepts(model, [root / "images"], layers=["layer4"], output=out, top=8,
-                                                        references=True, **common)),
-        ):
-            start = time.perf_counter()
-            result = run(root / key.replace(" ", "_").replace("+", "and"))
-            times[key] = time.perf_counter() - start
-            assert result.exit_code == 0
-        print(f"resnet18 64px, {args.atlas_images} images, batch 16: lrp run {times['lrp run']:.1f} s, atlas "
-              f"{times['atlas']:.1f} s -> {times['atlas'] / times['lrp run']:.2f}x, with reference grids "
-              f"(512 channels x 8) {times['atlas + references']:.1f} s -> "
-              f"{times['atlas + references'] / times['lrp run']:.2f}x", flush=True)
+        runs: dict[str, Callable] = {
+            "lrp run": lambda out: xaicli.explain(model, root / "images", methods=["lrp"], output=out,
+                                                  writers={"npz": {}}, **common),
+            "atlas": lambda out: concepts(model, [root / "images"], layers=["layer4"], output=out, top=8,
+                                          references=False, **common),
+        }
+        if args.references:
+            runs["atlas + references"] = lambda out: concepts(model, [root / "images"], layers=["layer4"], output=out,
+                                                              top=8, references=True, **common)
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for round_ in range(args.repeats):  # interleaved, each run into a fresh folder
+            for key, run in runs.items():
+                start = time.perf_counter()
+                result = run(root / f"{key.replace(' ', '_').replace('+', 'and')}_{round_}")
+                times[key].append(time.perf_counter() - start)
+                assert result.exit_code == 0
+        median = {key: statistics.median(values) for key, values in times.items()}
+        line = (f"resnet18 64px, {args.atlas_images} images, batch 16, median of {args.repeats}: lrp run "
+                f"{median['lrp run']:.1f} s, atlas {median['atlas']:.1f} s -> {median['atlas'] / median['lrp run']:.2f}x")
+        if args.references:
+            line += (f", with reference grids (512 channels x 8) {median['atlas + references']:.1f} s -> "
+                     f"{median['atlas + references'] / median['lrp run']:.2f}x")
+        print(line, flush=True)
 
 
 def main() -> None:
@@ -201,6 +208,7 @@ def main() -> None:
     parser.add_argument("--atlas-images", type=int, default=1000)
     parser.add_argument("--skip-atlas", action="store_true")
     parser.add_argument("--skip-crp", action="store_true")
+    parser.add_argument("--references", action="store_true", help="also time the atlas with reference grids")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} rounds", flush=True)

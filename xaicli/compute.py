@@ -182,9 +182,11 @@ def _run_method(
     good = [parts[i] for i in index]
     relevance = torch.zeros_like(x)
     relevance[index] = torch.cat([p.relevance for p in good])
-    merged = [{key: _rows([numpy(getattr(p, kind)[key]) for p in good], index, len(items)) for key in getattr(good[0], kind)}
-              for kind in ("extras", "stats")]
-    return Attribution(relevance, *merged), set(range(len(items))) - set(index)
+    extras = {key: _rows([numpy(p.extras[key]) for p in good], index, len(items)) for key in good[0].extras}
+    # a stat some inputs lack (LRP's per-node leaks, reported where over a threshold) is NaN there: the run skips it
+    stats = {key: _rows([numpy(p.stats[key]) if key in p.stats else np.full(len(p.relevance), np.nan) for p in good],
+                        index, len(items)) for key in dict.fromkeys(k for p in good for k in p.stats)}
+    return Attribution(relevance, extras, stats), set(range(len(items))) - set(index)
 
 
 def _rows(rows: list[np.ndarray], index: list[int], n: int) -> np.ndarray:

@@ -12,10 +12,20 @@ in normalised input space (Zennit's examples use -3/3 style bounds), scalars or 
 Transformers: `AttnLRP` and `CPLRP` (Achtibat et al., ICML 2024; rule tables in xaicli.lrp.composites).
 The default composite `auto` is AttnLRP for a graph with attention (a softmax feeding a product of two
 graph tensors) and EpsilonPlusFlat otherwise: AttnLRP also propagates through the attention weights
-(queries and keys get relevance, which CP-LRP drops) and is the paper's most faithful variant.
+(queries and keys get relevance, which CP-LRP drops) and is the paper's most faithful variant; run.json
+names the composite used (`resolved.<output>.composite`).
+
+Where relevance goes (run.json `stats.<output>`, shares of the target logit per input, mean and max):
+`input_share` reaches the pixels; `constant_share:<name>` goes to a constant operand of a sum or
+concatenation (a ViT's `cls_token`, `pos_embed`; xaicli.lrp.engine `_constant_operand`), `constant_share`
+their total; `lost_share` is kept back by rules (biases, stabilisers, AttnLRP's softmax): the three sum
+to 1. Nodes losing more than `leak_share` of the logit (batch mean) get `lost_share:<node>` (that batch
+mean, over the inputs of the batches where it was above) and one stderr line per run.
 """
 from __future__ import annotations
 
+import sys
+import threading
 import weakref
 from typing import Any
 
@@ -24,8 +34,8 @@ from torch import fx
 
 from xaicli import Attribution, Method, Param, hookimpl
 from xaicli.errors import UsageError
-from xaicli.lrp import (COMPOSITES, LRP, KINDS, RULES, Settings, UnknownLayer, composite, parse_rules_by_name,
-                        parse_rules_by_type)
+from xaicli.lrp import (COMPOSITES, LRP, KINDS, RULES, Result, Settings, UnknownLayer, composite, leaks,
+                        parse_rules_by_name, parse_rules_by_type)
 from xaicli.lrp.nodes import has_attention
 from xaicli.lrp.options import mapping as _mapping
 from xaicli.lrp.options import names as _names
@@ -35,6 +45,8 @@ from xaicli.rng import BatchRNG
 
 _ENGINES: "weakref.WeakKeyDictionary[fx.GraphModule, dict[Any, LRP]]" = weakref.WeakKeyDictionary()
 _PER_GRAPH = 4  # prepared engines kept per graph (one per parameter set in use)
+_WARNED: "weakref.WeakKeyDictionary[LRP, set[str]]" = weakref.WeakKeyDictionary()  # leaks told this run
+_WARN_LOCK = threading.Lock()
 
 
 AUTO = "auto"
@@ -49,15 +61,52 @@ def default_composite(graph: fx.GraphModule) -> str:
 def lrp(model: Model, x: torch.Tensor, target: torch.Tensor, rng: BatchRNG, composite: str = AUTO,
         epsilon: float = 1e-6, gamma: float = 0.25, low: float | list | None = None, high: float | list | None = None,
         rules_by_type: dict | str | None = None, rules_by_name: dict | str | None = None,
-        record_layers: list | str = ()) -> Attribution:
-    """Relevance [B,C,H,W] of the target logit; `relevance:<layer>` extras for `record_layers`."""
+        record_layers: list | str = (), leak_share: float = 0.05) -> Attribution:
+    """Relevance [B,C,H,W] of the target logit; `relevance:<layer>` extras for `record_layers`; where
+    relevance goes as stats (`shares`)."""
     settings = _settings(model, epsilon, gamma, low, high)
     by_type, by_name = _mapping(rules_by_type, "rules_by_type"), _mapping(rules_by_name, "rules_by_name")
     record = tuple(_names(record_layers))
     engine = _engine(model, composite, settings, by_type, by_name, record)
-    result = engine(x, target)
+    result = engine(x, target, flows=leak_share > 0)
     extras = {f"relevance:{name}": value for name, value in result.recorded.items()}
-    return Attribution(result.relevance, extras, conservation(result.relevance, result.recorded, result.logits, target))
+    stats = conservation(result.relevance, result.recorded, result.logits, target)
+    stats.update(shares(result))
+    if leak_share > 0:
+        stats.update(_leaks(engine, result, leak_share))
+    return Attribution(result.relevance, extras, stats)
+
+
+def shares(result: Result) -> dict[str, torch.Tensor]:
+    """Shares of the target logit per input [B]: at the input (`input_share`), at constant operands
+    (`constant_share`, and per constant `constant_share:<name>`) and kept back by rules (`lost_share`);
+    they sum to 1. NaN where the logit is 0."""
+    logit = result.explained.detach().double()
+    scale = torch.where(logit != 0, logit, torch.full_like(logit, float("nan")))
+    reached = result.relevance.detach().double().flatten(1).sum(1).to(logit.device)
+    per_constant = {name: r.detach().double().to(logit.device) for name, r in sorted(result.constants.items())}
+    constants = sum(per_constant.values(), torch.zeros_like(logit))
+    out = {"input_share": reached / scale, "constant_share": constants / scale,
+           "lost_share": (logit - reached - constants) / scale}
+    out.update({f"constant_share:{name}": r / scale for name, r in per_constant.items()})
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def _leaks(engine: LRP, result: Result, share: float) -> dict[str, torch.Tensor]:
+    """`lost_share:<node>` for nodes losing more than `share` of the logit over this batch (the batch's
+    share, for each of its inputs), and a stderr line the first time a node does so in a run."""
+    n = result.relevance.shape[0]
+    found = leaks(result, share) if result.flows else []  # flows is empty when no rule ran
+    with _WARN_LOCK:
+        told = _WARNED.setdefault(engine, set())
+        new = [(node, value) for node, value in found if node not in told]
+        told.update(node for node, _ in new)
+    rules = {name: f"{rule} rule on {kind}" for name, kind, rule in engine.rules(layers=True)}
+    for node, value in new:
+        what = "lost" if value > 0 else "created"  # a rule may also add relevance (AttnLRP's softmax)
+        print(f"lrp: relevance {what} at {node} ({100 * abs(value):.1f}% of the target logit, {rules.get(node, '')}); "
+              f"run.json stats lost_share:{node}", file=sys.stderr, flush=True)
+    return {f"lost_share:{node}": torch.full((n,), value, dtype=torch.float64) for node, value in found}
 
 
 def conservation(relevance: torch.Tensor, recorded: dict[str, torch.Tensor], logits: torch.Tensor,
@@ -79,8 +128,7 @@ def conservation(relevance: torch.Tensor, recorded: dict[str, torch.Tensor], log
 def _engine(model: Model, name: str, settings: Settings, by_type: dict[str, str], by_name: dict[str, str],
             record: tuple[str, ...]) -> LRP:
     graph = model.graph()
-    if name == AUTO:
-        name = default_composite(graph)
+    name = resolve(graph, name)
     key = (name, settings, repr(sorted(by_type.items())), repr(sorted(by_name.items())), record)
     engines = _ENGINES.setdefault(graph, {})
     if key not in engines:
@@ -96,13 +144,22 @@ def _engine(model: Model, name: str, settings: Settings, by_type: dict[str, str]
     return engines[key]
 
 
-def check(model: Model, params: dict[str, Any]) -> None:
+def resolve(graph: fx.GraphModule, name: str) -> str:
+    """The composite `name` stands for on this graph (`auto`: `default_composite`)."""
+    return default_composite(graph) if name == AUTO else name
+
+
+def check(model: Model, params: dict[str, Any]) -> dict[str, Any]:
     """Prepare (and cache) the engine once before any input runs: UsageError naming the parameter when
-    rules_by_name or record_layers name no layer of the model (with suggestions), or a rule or bound is bad."""
+    rules_by_name or record_layers name no layer of the model (with suggestions), or a rule or bound is bad.
+    Returns the composite used (run.json `resolved`); a new run warns of leaking nodes afresh."""
     settings = _settings(model, params["epsilon"], params["gamma"], params["low"], params["high"])
     by_type = _mapping(params["rules_by_type"], "rules_by_type")
     by_name = _mapping(params["rules_by_name"], "rules_by_name")
-    _engine(model, params["composite"], settings, by_type, by_name, tuple(_names(params["record_layers"])))
+    engine = _engine(model, params["composite"], settings, by_type, by_name, tuple(_names(params["record_layers"])))
+    with _WARN_LOCK:
+        _WARNED.pop(engine, None)
+    return {"composite": resolve(model.graph(), params["composite"])}
 
 
 @hookimpl
@@ -133,6 +190,9 @@ def xai_methods() -> list[Method]:
                       "rule per layer name, e.g. {features.0: flat}; applies inside that layer"),
                 Param("record_layers", (list, str), [],
                       "layers whose output relevance is saved as extras 'relevance:<name>'"),
+                Param("leak_share", float, 0.05,
+                      "report nodes whose rule loses more than this share of the target logit (batch mean) in "
+                      "run.json (stats lost_share:<node>) and on stderr; 0: no per-node report", low=0.0),
             ),
             needs="graph",
             check=check,

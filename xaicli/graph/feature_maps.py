@@ -263,8 +263,10 @@ def survey(gm: fx.GraphModule, input_shape: tuple[int, int, int]) -> Survey:
         out = probe.run(x)
         out = out[0] if isinstance(out, (tuple, list)) else out
         mix = torch.randn(out.shape[1:], generator=generator).to(out.device, out.dtype)
-        tensors = [t for _, t in probe.found]
-        grads = torch.autograd.grad((out * mix).sum(), tensors, allow_unused=True) if tensors else []
+        # maps computed from the input's shape only (xcit's positional encoding) carry no gradient
+        tensors = [t for _, t in probe.found if t.requires_grad]
+        reached = iter(torch.autograd.grad((out * mix).sum(), tensors, allow_unused=True) if tensors else [])
+        grads = [next(reached) if t.requires_grad else None for _, t in probe.found]
     maps = tuple(FeatureMap(m.node, m.role, m.grid, m.extra, _reaches(m, g)) for (m, _), g in zip(probe.found, grads))
     result = Survey(maps, probe.shapes)
     _SURVEYS[gm] = (tuple(input_shape), result)

@@ -496,7 +496,11 @@ def unsqueeze(a: Attrs, x: Value, axes: Value = None) -> Value:
     axes = ints(axes) if axes is not None else list(a["axes"])
     if is_listy(x):
         v = as_list(x)
-        return [v] if not isinstance(v, list) else _unsupported_shape_math("Unsqueeze")
+        if not isinstance(v, list):
+            return [v]
+        if not all(isinstance(i, (int, float)) for i in v):
+            return _unsupported_shape_math("Unsqueeze")
+        x = torch.tensor(v)  # a static 1-D value (Range of fixed sizes: xcit's positions) made 2-D
     rank = x.dim() + len(axes)
     for ax in sorted(ax % rank for ax in axes):
         x = x.unsqueeze(ax)
@@ -675,6 +679,9 @@ OPS: dict[str, Callable] = {
     "ReduceMax": reduce(torch.amax, max),
     "ReduceMin": reduce(torch.amin, min),
     "ReduceProd": reduce(lambda x, dim, keepdim: x.prod(dim[0], keepdim=keepdim), math.prod),
+    "ReduceL1": reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(x, 1, dim=dim, keepdim=keepdim)),
+    "ReduceL2": reduce(lambda x, dim, keepdim: torch.linalg.vector_norm(x, 2, dim=dim, keepdim=keepdim)),
+    "ReduceSumSquare": reduce(lambda x, dim, keepdim: (x * x).sum(dim, keepdim=keepdim)),
     "Shape": shape,
     "Size": size,
     "Reshape": reshape,

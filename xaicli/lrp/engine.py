@@ -33,15 +33,20 @@ class Step:
     nonneg: bool
     positive_only: bool = False  # relevance reaches only outputs > 0 (see `_positive_only`)
     meta: dict[str, Any] = field(default_factory=dict)  # what the rule needs of the node (Call.meta)
+    constant: str | None = None  # the constant that what this node does not pass on goes to (`_constant_operand`)
+    conserves: bool = False  # its rule hands on exactly what reaches it: `flows` skips it (`_conserves`)
 
 
 @dataclass
 class Result:
     """Input relevance [B, ...], the logits [B, K], and relevance and outputs (activations) of named layers.
 
-    `explained` is the target logit f_t(x) [B] relevance starts from; `flows` (when asked for) maps each
-    compute node's name to (Σ R at its output, Σ R it sends to its graph inputs), both summed over the
-    batch (0-d tensors): what a node's rule loses is the difference (see `leaks`).
+    `explained` is the target logit f_t(x) [B] relevance starts from; `constants` the relevance per input
+    [B] that rules send to constant operands (a class token, positional embeddings), by constant name
+    (see `_constant_operand`); `flows` (when asked for) maps each compute node's layer name to (Σ R at its
+    output, Σ R it sends on to its graph inputs and constant operands), both summed over the batch
+    (0-d tensors): what a node's rule loses is the difference (see `leaks`). Nodes whose rule cannot lose
+    any (re-arrangements, the pass rule) are left out.
     """
 
     relevance: torch.Tensor
@@ -50,6 +55,7 @@ class Result:
     activations: dict[str, torch.Tensor] = field(default_factory=dict)
     explained: torch.Tensor | None = None
     flows: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class UnknownLayer(ValueError):
@@ -93,22 +99,23 @@ class LRP:
         explained = logits.gather(1, index)
         start = torch.zeros_like(logits).scatter_(1, index, explained)
         sums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if flows else None
-        relevance, found = self._backward(calls, start, sums)
+        constants: dict[str, torch.Tensor] = {}
+        relevance, found = self._backward(calls, start, sums, constants)
         # a layer no relevance reached (a branch the target does not use) has zero relevance
         recorded = {name: found[node].contiguous() if node in found else torch.zeros_like(env[node]).contiguous()
                     for name, node in self.record.items()}
         activations = {name: env[node] for name, node in self.record.items()}
         return Result((relevance if relevance is not None else torch.zeros_like(x)).contiguous(), logits, recorded,
-                      activations, explained.squeeze(1), sums or {})
+                      activations, explained.squeeze(1), sums or {}, constants)
 
     def forward(self, x: torch.Tensor) -> tuple[dict[fx.Node, Any], dict[fx.Node, Call]]:
         """The forward half of `__call__` (layout included): every node's value and each rule's Call,
         for callers that run their own backward sweep over `steps` (xaicli.concepts' conditional LRP)."""
         return self._forward(_channels_last(x) if self.channels_last else x)
 
-    def rules(self) -> list[tuple[str, str, str]]:
-        """(node name, kind, rule name) for every compute node, in graph order."""
-        return [(s.node.name, s.kind, s.rule.name) for s in self.steps]
+    def rules(self, layers: bool = False) -> list[tuple[str, str, str]]:
+        """(node name, or layer name with `layers`, kind, rule name) for every compute node, in graph order."""
+        return [(layer_name(s.node) if layers else s.node.name, s.kind, s.rule.name) for s in self.steps]
 
     def _plan(self, nodes: list[fx.Node], composite: Composite) -> list[Step]:
         by_name = self._rules_by_name(composite)
@@ -128,9 +135,11 @@ class LRP:
             op = (linear_op(node, node_kind, self._constant, rule.softmax_constant)
                   if isinstance(rule, LayerRule) else None)
             steps.append(Step(node, node_kind, rule, inputs, op, all(n in positive for n in inputs),
-                              meta=_meta(node, node_kind)))
+                              meta=_meta(node, node_kind), constant=self._constant_operand(node, node_kind, inputs)))
         for step in _positive_only(steps):
             step.positive_only = True
+        for step in steps:
+            step.conserves = _conserves(step)
         return steps
 
     def _rules_by_name(self, composite: Composite) -> dict[fx.Node, Rule]:
@@ -163,6 +172,22 @@ class LRP:
             return self.constants[str(arg.target)]
         return arg
 
+    def _constant_operand(self, node: fx.Node, node_kind: str, inputs: list[fx.Node]) -> str | None:
+        """The name of the constant that relevance this node does not pass on to its graph inputs goes to.
+
+        Two places drop relevance into a constant tensor that is an operand of a non-parametric op: a node
+        computed from constants alone (a class token expanded to the batch: all relevance reaching it),
+        and a sum or re-arrangement with a constant operand (positional embeddings added to the tokens: the
+        sum rule's bias share; a constant concatenated: its slice). Such relevance is grouped by the
+        constant's graph name (several joined with `+`). Weights, biases and statistics of conv, linear
+        and norm layers are not meant: what those rules keep back is a loss of the node (`leaks`).
+        """
+        if inputs and node_kind not in ("sum", "shape"):
+            return None
+        values = {str(a.target): self.constants.get(str(a.target)) for a in node.all_input_nodes if a.op == "get_attr"}
+        joined = "+".join(name for name, v in values.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+        return joined or (None if inputs else node.name)  # no named constant: e.g. zeros made from a shape
+
     def _forward(self, x: torch.Tensor) -> tuple[dict[fx.Node, Any], dict[fx.Node, Call]]:
         """Every node's value, and what each float-valued node's rule needs for the backward."""
         env: dict[fx.Node, Any] = {self.input: x.detach()}
@@ -193,10 +218,12 @@ class LRP:
         return graph_out.detach() if isinstance(graph_out, torch.Tensor) else graph_out, leaves, graph_out
 
     def _backward(self, calls: dict[fx.Node, Call], start: torch.Tensor,
-                  sums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+                  sums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  constants: dict[str, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor | None, dict[fx.Node, torch.Tensor]]:
         """Rules in reverse graph order; returns the input's relevance and that of recorded nodes
-        (and fills `sums`, when given, with each node's Σ R out and in)."""
+        (and fills `sums`, when given, with each node's Σ R out and passed on, and `constants` with the
+        relevance per input [B] sent to constant operands)."""
         relevance: dict[fx.Node, torch.Tensor] = {self.output: start}
         wanted = set(self.record.values())
         recorded: dict[fx.Node, torch.Tensor] = {}
@@ -208,9 +235,18 @@ class LRP:
             if step.node in wanted:
                 recorded[step.node] = r
             parts = list(zip(step.inputs, step.rule.relevance(call, r) if step.inputs else ()))
-            if sums is not None:
+            kept = None  # relevance per input sent to a constant operand
+            if step.constant is not None and constants is not None:
+                n = start.shape[0]
+                kept = _per_input(r, n, not step.inputs)
+                for _, part in parts:
+                    kept = kept if part is None else kept - _per_input(part, n, False)
+                constants[step.constant] = constants[step.constant] + kept if step.constant in constants else kept
+            if sums is not None and not step.conserves:
                 sent = [part.sum() for _, part in parts if part is not None]
-                sums[step.node.name] = (r.sum(), torch.stack(sent).sum() if sent else r.new_zeros(()))
+                sent += [kept.sum()] if kept is not None else []
+                total = sent[0] if len(sent) == 1 else torch.stack(sent).sum() if sent else r.new_zeros(())
+                sums[layer_name(step.node)] = (r.sum(), total)
             for node, part in parts:
                 if part is not None:
                     relevance[node] = relevance[node] + part if node in relevance else part
@@ -266,6 +302,31 @@ def _positive_only(steps: list[Step]) -> list[Step]:
     return found
 
 
+def layer_name(node: fx.Node) -> str:
+    """The node's layer name (xaicli.graph's `meta["layer"]`, as rules_by_name and Grad-CAM's `layer` take it)."""
+    return node.meta.get("layer") or node.name
+
+
+def _conserves(step: Step) -> bool:
+    """Whether a node's rule hands on exactly the relevance that reaches it: the pass rule, and the gradient
+    of a re-arrangement (not of padding, which drops what reaches the pad; not with a constant operand)."""
+    if step.constant is not None:
+        return False
+    if isinstance(step.rule, Pass):
+        return True
+    return step.kind == "shape" and step.rule.name == "gradient" and packet(step.node) not in ("constant_pad_nd", "pad")
+
+
+def _per_input(t: torch.Tensor, n: int, exact: bool) -> torch.Tensor:
+    """Σ of a relevance tensor per input [n], its first dimension the batch (or the batch folded with
+    windows, batch-major; `exact`: exactly the batch, for constants whose shape need not carry it). A
+    tensor without it (a constant's relevance summed over the batch by broadcasting) is split evenly."""
+    first = t.shape[0] if t.ndim else 0
+    if first == n or (not exact and first and first % n == 0):
+        return t.reshape(n, -1).sum(1)
+    return t.sum().expand(n) / n
+
+
 def _channels_last(t: torch.Tensor) -> torch.Tensor:
     """NHWC layout for 4-D tensors: oneDNN's convolutions run markedly faster in it on CPUs."""
     return t.contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t
@@ -283,16 +344,18 @@ def conservation(result: Result) -> torch.Tensor:
 
 def leaks(result: Result, share: float = 0.05) -> list[tuple[str, float]]:
     """Nodes whose rule loses (or creates) more than `share` of the explained relevance, largest first:
-    (node name, (Σ R out − Σ R in) / Σ_batch |f_t(x)|). Needs `LRP(...)(x, target, flows=True)`.
+    (layer name, (Σ R out − Σ R in) / Σ_batch |f_t(x)|). Needs `LRP(...)(x, target, flows=True)`.
 
-    Relevance leaves through biases and other constants (a class token, positional embeddings), through
-    non-conservative rules (AttnLRP's softmax) and through rules that drop an operand (a divisor).
+    Relevance leaves through biases and stabilisers, through non-conservative rules (AttnLRP's softmax)
+    and through rules that drop an operand (a divisor); what goes to constant operands (a class token,
+    positional embeddings) counts as passed on and is reported in `Result.constants` instead.
     """
     if not result.flows:
         raise ValueError("leaks needs a Result computed with flows=True")
     scale = result.explained.abs().sum() if result.explained is not None else torch.tensor(1.0)
     scale = scale.clamp(min=torch.finfo(scale.dtype).tiny)
-    found = [(name, float((out - sent) / scale)) for name, (out, sent) in result.flows.items()]
+    lost = torch.stack([(out - sent).to(scale.dtype) for out, sent in result.flows.values()]) / scale
+    found = list(zip(result.flows, lost.tolist()))  # one device sync, not one per node
     return sorted([(n, v) for n, v in found if abs(v) > share], key=lambda item: -abs(item[1]))
 
 

@@ -125,38 +125,22 @@ class Norm(LayerRule):
 
 
 @dataclass(frozen=True)
-class Uniform(LayerRule):
+class Uniform(Epsilon):
     """AttnLRP's rule for a product of two graph tensors (Prop. 3.3): the ε-rule on the bilinear
     product, half of it to each operand, attention weights included."""
 
-    epsilon: float = 1e-6
     name: ClassVar[str] = "uniform"
     kinds: ClassVar[frozenset[str]] = frozenset({"matmul"})
     softmax_constant: ClassVar[bool] = False
 
-    @property
-    def stabilizer(self) -> float:  # type: ignore[override]
-        return self.epsilon
-
-    def shares(self) -> tuple[Share, ...]:
-        return (Share((Term("x", P),)),)
-
 
 @dataclass(frozen=True)
-class StdConstant(LayerRule):
+class StdConstant(Epsilon):
     """AttnLRP's rule for normalisations: σ held constant (the identity rule on the division by σ),
     so y = w ⊙ (x − mean x)/σ + b is linear in x and takes the ε-rule (layer, group, RMS, eval batch norm)."""
 
-    epsilon: float = 1e-6
     name: ClassVar[str] = "std_constant"
     kinds: ClassVar[frozenset[str]] = frozenset({"norm"})
-
-    @property
-    def stabilizer(self) -> float:  # type: ignore[override]
-        return self.epsilon
-
-    def shares(self) -> tuple[Share, ...]:
-        return (Share((Term("x", P),)),)
 
 
 @dataclass(frozen=True)
@@ -328,7 +312,8 @@ def stabilize(z: torch.Tensor, epsilon: float, sign: int = 0) -> torch.Tensor:
     if sign:
         return z + sign * epsilon
     # copysign gives -ε at z = -0.0 (Zennit: +ε); a -0.0 sum has only zero contributions, so nothing moves
-    return z + torch.copysign(z.new_tensor(epsilon), z)
+    # (an expanded ε: copysign broadcasting a 0-d tensor runs ~2.5x slower on CPU)
+    return torch.copysign(z.new_tensor(epsilon).expand_as(z), z).add_(z)
 
 
 def propagate(rule: LayerRule, call: Call, r: torch.Tensor) -> list[torch.Tensor | None]:
@@ -408,13 +393,18 @@ def _divide(r: torch.Tensor, den: torch.Tensor, epsilon: float, sign: int, outpu
         if not epsilon:
             return torch.where(den == 0, 0.0, r / den)
         stable = stabilize(den, epsilon, sign)  # a new tensor: divide into it
-        return torch.div(r, stable, out=stable) if stable.shape == r.shape else r / stable
+        return torch.div(r, stable, out=stable) if _reusable(stable, r) else r / stable
     # served outputs have denominators of the share's sign (see _sign); clamping leaves them as they
     # are and keeps the others finite, where r or `serves` is 0
     tiny = epsilon or torch.finfo(den.dtype).tiny
     stable = den.clamp(min=0).add_(tiny) if sign > 0 else den.clamp(max=0).sub_(tiny)
-    s = torch.div(r, stable, out=stable) if stable.shape == r.shape else r / stable
+    s = torch.div(r, stable, out=stable) if _reusable(stable, r) else r / stable
     return s.mul_(serves) if serves is not None else s
+
+
+def _reusable(buffer: torch.Tensor, r: torch.Tensor) -> bool:
+    """Whether r / buffer can be written into `buffer`: same shape, and no autograd graph (out= has none)."""
+    return buffer.shape == r.shape and not (buffer.requires_grad or r.requires_grad)
 
 
 def _sign(ctx: "_Terms", terms: list[tuple[str, Term]], share: Share) -> int:

@@ -1,0 +1,62 @@
+"""Scripted TorchScript (torch.jit.script) transformers: torch's TS2EPConverter refuses them, so the
+loader traces them through a wrapper first (xaicli.graph.trace). The graph must match the model at a
+batch size other than the traced one, keep the model's own layer names, and run lrp, gradcam and
+integrated gradients from the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from xaicli.registry import default_registry
+
+TINY = {
+    "vit": ("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)),
+    "twins": ("twins_svt_small", dict(img_size=32, depths=(1, 1, 1, 1))),
+}
+LAYER = {"vit": "blocks.0.attn.proj", "twins": "blocks.0.0.attn.proj"}  # a layer named after its module
+
+
+def scripted(family: str, folder: Path) -> tuple[torch.nn.Module, Path]:
+    name, kwargs = TINY[family]
+    torch.manual_seed(0)
+    module = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    path = folder / f"{family}.pt"
+    torch.jit.save(torch.jit.script(module), str(path), _extra_files={"xai.json": json.dumps({"size": 32,
+                                                                                               "crop_pct": 1.0})})
+    return module, path
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_scripted_graph_matches_and_keeps_layer_names(tmp_path, family):
+    module, path = scripted(family, tmp_path)
+    model = default_registry().loader_for(str(path)).load(str(path), torch.device("cpu"))
+    graph = model.graph()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = module(x), graph(x)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= 1e-4
+    layers = {node.meta.get("layer") for node in graph.graph.nodes}
+    assert {"head", LAYER[family]} <= layers, sorted(map(str, layers))
+    assert not any(str(layer).startswith("scripted") for layer in layers), sorted(map(str, layers))
+
+
+def test_scripted_vit_explained_from_the_cli(tmp_path):
+    _, path = scripted("vit", tmp_path)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image)
+    done = subprocess.run([sys.executable, "-m", "xaicli.cli", "explain", str(path), str(image), "-m", "lrp",
+                           "-m", "gradcam", "-m", "integrated_gradients", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["resolved"]["gradcam"]["layer"] == "blocks.0.norm1", run["resolved"]
+    for method in ("lrp", "gradcam", "integrated_gradients"):
+        assert (tmp_path / "out" / "arrays" / method / "photo.npz").is_file(), method
