@@ -11,15 +11,14 @@ supports up to 20), levit, swin, mobilevit and efficientvit_b0 from both (legacy
 their opset 17 files above; dynamo at 18) and eva from the dynamo exporter at 18: graph vs model
 within 1e-4 at a batch other than the export's.
 
-mobilevit, twins and xcit convert from TorchScript because `graph.trace` recomputes traced size
-arithmetic as int ops (torch's TS2EPConverter makes it data-dependent sizes torch.export rejects).
+mobilevit, twins, xcit and maxvit convert from TorchScript because `graph.trace` recomputes traced
+size arithmetic as int ops (torch's TS2EPConverter makes it data-dependent sizes torch.export
+rejects); maxvit's "same" padding adds the float steps ceil(H / s) and a clamp.
 
 Not covered, with the first error (bench/survey_transformers.py surveys more):
 - eva as a legacy ONNX file: torch.onnx's TorchScript-based exporter itself fails ("TypeError:
   scaled_dot_product_attention(): argument 'is_causal' must be bool, not Tensor"; skipped with
   that reason); its dynamo file converts.
-- maxvit: its eager graph runs lrp and gradcam, but Grad-CAM's map of its ONNX graph is all zero,
-  and a pair takes 8-10 s.
 A model that cannot be converted fails with one line naming the cause (`test_cli_prints_no_traceback`).
 Every family runs in `make test`."""
 from __future__ import annotations
@@ -36,6 +35,7 @@ import onnx
 import pytest
 import timm
 import torch
+from timm.layers.padding import pad_same
 from timm.models import metaformer as mf
 
 import xaicli
@@ -72,6 +72,8 @@ FAMILIES: dict[str, tuple[str | Callable[[], torch.nn.Module], int, dict[str, An
     "swinv2": ("swinv2_tiny_window8_256", 32, dict(img_size=32, window_size=4, embed_dim=16, depths=(1, 1),
                                                    num_heads=(1, 2))),
     "xcit": ("xcit_nano_12_p16_224", 32, dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2)),
+    "maxvit": ("maxvit_tiny_tf_224", 64, dict(img_size=64, depths=(1, 1, 1, 1), embed_dim=(32, 32, 64, 64),
+                                                stem_width=16)),
     "convnext": ("convnext_atto", 32, dict(depths=(1, 1, 1, 1), dims=(16, 16, 32, 32))),
     "caformer": (_metaformer(token_mixers=[mf.SepConv, mf.SepConv, mf.Attention, mf.Attention],
                              norm_layers=[mf.LayerNorm2dNoBias] * 2 + [mf.LayerNormNoBias] * 2), 64, {}),
@@ -264,6 +266,37 @@ def test_failed_export_prints_nothing(capfd):
     assert capfd.readouterr().err == ""
 
 
+def test_traces_in_threads_leave_stderr_and_logging_as_they_were():
+    """Replicas may build graphs in threads at once: each trace silences the process-wide stderr and
+    torch's loggers, so traces take turns and every one of them restores what it found."""
+    import logging
+    import threading
+
+    from xaicli.errors import UsageError
+    from xaicli.graph import from_module
+
+    stderr, level = sys.stderr, logging.getLogger("torch.export").level
+    errors: list[BaseException] = []
+
+    def trace(module: torch.nn.Module, x: torch.Tensor) -> None:
+        try:
+            from_module(module, x)
+        except UsageError:
+            pass  # the data-dependent model fails to trace, as it should
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    works = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    jobs = [(works if i % 2 else DataDependentBatch().eval(), torch.randn(2, 4)) for i in range(4)]
+    threads = [threading.Thread(target=trace, args=job) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert sys.stderr is stderr and logging.getLogger("torch.export").level == level
+
+
 class AutocastOff(torch.nn.Module):
     """A block run with autocast disabled, as efficientvit's linear attention is written."""
 
@@ -307,9 +340,22 @@ class SizeArithmetic(torch.nn.Module):
         return patches.reshape(b, c * (height // 2), -1).sum(-1)[:, :c * (width % 5)]
 
 
+class SamePadding(torch.nn.Module):
+    """TensorFlow's "same" padding computed from the input's size, as timm's Conv2dSame (maxvit's
+    stem) writes it: ceil of a true division, a product, a clamp at 0 and a floor division."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(pad_same(x, [3, 3], [2, 2])).flatten(1)
+
+
 def test_traced_size_arithmetic_stays_symbolic(tmp_path):
     """A traced TorchScript model's size arithmetic converts with a dynamic batch (TS2EPConverter
-    alone turns it into data-dependent sizes that torch.export rejects)."""
+    alone turns it into data-dependent sizes that torch.export rejects; the float steps of "same"
+    padding, as maxvit's stem computes it, are covered by the maxvit pairs)."""
     from xaicli.graph import from_torchscript
 
     torch.manual_seed(0)
@@ -319,6 +365,20 @@ def test_traced_size_arithmetic_stays_symbolic(tmp_path):
     gm = from_torchscript(torch.jit.load(str(path)), torch.randn(2, 3, 8, 8))
     y = torch.randn(5, 3, 8, 8)
     torch.testing.assert_close(gm(y), module(y), rtol=1e-6, atol=1e-6)
+
+
+def test_same_padding_from_onnx():
+    """The TorchScript-based ONNX exporter writes "same" padding sizes as Shape/Div/Ceil/Clip arithmetic."""
+    from xaicli.graph.onnx_convert import from_onnx
+
+    torch.manual_seed(0)
+    module, x = SamePadding().eval(), torch.randn(2, 3, 9, 8)
+    buffer = io.BytesIO()
+    torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+    gm = from_onnx(onnx.load_from_string(buffer.getvalue()), x)
+    y = torch.randn(5, 3, 9, 8)
+    torch.testing.assert_close(gm(y), module(y), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("start,end,step", [(-1, -2**63, -1), (3, 0, -1), (4, -9, -2), (2**62, 1, -3)])

@@ -184,11 +184,18 @@ def where(a: Attrs, cond: Value, x: Value, y: Value) -> Value:
 
 def clip(a: Attrs, x: Value, low: Value = None, high: Value = None) -> Value:
     low, high = scalar(low, a.get("min")), scalar(high, a.get("max"))
+    if is_listy(x):  # shape arithmetic ("same" padding sizes: max(0, ...))
+        return _elementwise(lambda v: _clamped(v, low, high), as_list(x))
     if low is not None and high is not None:
         return F.hardtanh(x, low, high)
     if low == 0 and high is None:
         return torch.relu(x)
     return torch.clamp(x, low, high)
+
+
+def _clamped(v: Any, low: float | None, high: float | None) -> Any:
+    v = v if low is None else max(v, low)
+    return v if high is None else min(v, high)
 
 
 def hard_sigmoid(a: Attrs, x: torch.Tensor) -> torch.Tensor:

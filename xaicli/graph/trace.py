@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import operator
 import sys
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -98,7 +100,10 @@ _ATEN = torch.ops.aten
 _INT_OPS = {_ATEN.mul.Tensor: operator.mul, _ATEN.mul.Scalar: operator.mul, _ATEN.add.Tensor: operator.add,
             _ATEN.add.Scalar: operator.add, _ATEN.sub.Tensor: operator.sub, _ATEN.sub.Scalar: operator.sub,
             _ATEN.floor_divide.default: operator.floordiv, _ATEN.floor_divide.Scalar: operator.floordiv,
-            _ATEN.remainder.Scalar: operator.mod, _ATEN.remainder.Tensor: operator.mod}
+            _ATEN.remainder.Scalar: operator.mod, _ATEN.remainder.Tensor: operator.mod,
+            # the float steps of "same" padding sizes, ceil(H / s) (maxvit's stem): exact on these small numbers
+            _ATEN.div.Tensor: operator.truediv, _ATEN.div.Scalar: operator.truediv, _ATEN.ceil.default: math.ceil,
+            _ATEN.floor.default: math.floor}
 
 _READ_BACK = {_ATEN._local_scalar_dense.default, _ATEN.ScalarImplicit.default}  # tensor.item() and implicit
 
@@ -134,7 +139,12 @@ def _sizes_as_ints(gm: fx.GraphModule) -> fx.GraphModule:
                 if node.target in (_ATEN.scalar_tensor, _ATEN.scalar_tensor.default) and _integral(node, torch.float32):
                     ints[node] = as_int(node.args[0])
                 elif node.target == _ATEN._to_copy.default and _integral(node, torch.int64):  # no dtype: the input's
-                    ints[node] = as_int(node.args[0])
+                    ints[node] = graph.call_function(_whole, (as_int(node.args[0]),))
+                elif node.target == _ATEN.clamp.default:
+                    bounds = [*node.args[1:3], None, None][:2]
+                    low, high = (node.kwargs.get(k, b) for k, b in zip(("min", "max"), bounds))
+                    ints[node] = graph.call_function(_clamp, (as_int(node.args[0]), *(None if b is None else as_int(b)
+                                                                                    for b in (low, high))))
                 elif node.target == _ATEN.rsub.Scalar and _alpha(node) == 1:  # other - self
                     ints[node] = graph.call_function(operator.sub, (as_int(node.args[1]), as_int(node.args[0])))
                 elif node.target in _INT_OPS and _alpha(node) == 1:
@@ -152,6 +162,17 @@ def _integral(node: fx.Node, default: torch.dtype) -> bool:
     """The op's `dtype` argument (else `default`) is an integer type."""
     dtype = node.kwargs.get("dtype") or default
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _whole(v: Any) -> Any:
+    """A cast to an integer dtype: ints (symbolic ones too) as they are, floats truncated like torch's cast."""
+    return v if isinstance(v, (int, torch.SymInt)) else int(v)
+
+
+def _clamp(v: Any, low: Any, high: Any) -> Any:
+    """clamp on sizes; sym_max/sym_min add no guard on a symbolic size."""
+    v = v if low is None else torch.sym_max(v, low)
+    return v if high is None else torch.sym_min(v, high)
 
 
 def _alpha(node: fx.Node) -> Any:
@@ -195,12 +216,14 @@ def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
 def _quiet() -> Iterator[None]:
     """No warnings, torch log records or stderr prints while tracing: a failed torch.export prints
     its partial graph to stderr (hundreds of lines) and logs symbolic_shapes' "Unable to find user
-    code"; the cause reaches the user as one error. What a successful trace writes is passed on."""
+    code"; the cause reaches the user as one error. What a successful trace writes is passed on.
+    One trace at a time (replica threads may build graphs together): sys.stderr is process-wide, and
+    torch.export's own state is not safe across threads either."""
     loggers = [logging.getLogger(name) for name in _TORCH_LOGGERS]
-    levels = [logger.level for logger in loggers]
     captured = io.StringIO()
-    with warnings.catch_warnings():
+    with _TRACING, warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        levels = [logger.level for logger in loggers]
         for logger in loggers:
             logger.setLevel(logging.CRITICAL)
         try:
@@ -212,6 +235,7 @@ def _quiet() -> Iterator[None]:
     sys.stderr.write(captured.getvalue())
 
 
+_TRACING = threading.RLock()
 _TORCH_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch.export", "torch._export", "torch._dynamo")
 
 

@@ -35,6 +35,7 @@ class Step:
     meta: dict[str, Any] = field(default_factory=dict)  # what the rule needs of the node (Call.meta)
     constant: str | None = None  # the constant that what this node does not pass on goes to (`_constant_operand`)
     conserves: bool = False  # its rule hands on exactly what reaches it: `flows` skips it (`_conserves`)
+    select: tuple[int, int] | None = None  # (dim, index) of a select whose relevance is added in place (`_select`)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class LRP:
             step.positive_only = True
         for step in steps:
             step.conserves = _conserves(step)
+            step.select = _select(step)
         return steps
 
     def _rules_by_name(self, composite: Composite) -> dict[fx.Node, Rule]:
@@ -225,6 +227,7 @@ class LRP:
         (and fills `sums`, when given, with each node's Σ R out and passed on, and `constants` with the
         relevance per input [B] sent to constant operands)."""
         relevance: dict[fx.Node, torch.Tensor] = {self.output: start}
+        owned: set[fx.Node] = set()  # nodes whose relevance tensor this sweep made (safe to add into)
         wanted = set(self.record.values())
         recorded: dict[fx.Node, torch.Tensor] = {}
         for step in reversed(self.steps):
@@ -234,6 +237,14 @@ class LRP:
                 continue
             if step.node in wanted:
                 recorded[step.node] = r
+            if step.select is not None:  # q, k, v = qkv.unbind(): add into qkv's relevance, no full-size copies
+                parent = step.inputs[0]
+                if parent not in owned:
+                    held = relevance.get(parent)
+                    relevance[parent] = torch.zeros_like(call.inputs[0], dtype=r.dtype) if held is None else held.clone()
+                    owned.add(parent)
+                relevance[parent].select(*step.select).add_(r)
+                continue
             parts = list(zip(step.inputs, step.rule.relevance(call, r) if step.inputs else ()))
             kept = None  # relevance per input sent to a constant operand
             if step.constant is not None and constants is not None:
@@ -248,8 +259,14 @@ class LRP:
                 total = sent[0] if len(sent) == 1 else torch.stack(sent).sum() if sent else r.new_zeros(())
                 sums[layer_name(step.node)] = (r.sum(), total)
             for node, part in parts:
-                if part is not None:
-                    relevance[node] = relevance[node] + part if node in relevance else part
+                if part is None:
+                    continue
+                if node in relevance:
+                    relevance[node] = relevance[node] + part
+                    owned.add(node)
+                else:
+                    relevance[node] = part
+                    owned.discard(node)
         return relevance.get(self.input), recorded
 
 
@@ -305,6 +322,16 @@ def _positive_only(steps: list[Step]) -> list[Step]:
 def layer_name(node: fx.Node) -> str:
     """The node's layer name (xaicli.graph's `meta["layer"]`, as rules_by_name and Grad-CAM's `layer` take it)."""
     return node.meta.get("layer") or node.name
+
+
+def _select(step: Step) -> tuple[int, int] | None:
+    """(dim, index) of a select of one graph input under the gradient rule, whose relevance the sweep adds
+    into its input's slice (the gradient's own vjp would make a full-size zero tensor per select)."""
+    if packet(step.node) != "select" or step.rule.name != "gradient" or len(step.inputs) != 1:
+        return None
+    args = bind(step.node)
+    dim, index = args.get("dim"), args.get("index")
+    return (dim, index) if isinstance(dim, int) and isinstance(index, int) else None
 
 
 def _conserves(step: Step) -> bool:

@@ -269,9 +269,15 @@ class MatmulOp(LinearOp):
     def vjp(self, g: torch.Tensor, mod: Mod, like: list[torch.Tensor], scale: float = 1.0) -> list[torch.Tensor]:
         a, b = self.values
         k = scale * factor(mod) * (1.0 if self.gate is not None else 0.5)
-        to_a = None if self.gate == 0 else sum_to(k * (g @ b.transpose(-1, -2)), a.shape)
-        to_b = None if self.gate == 1 else sum_to(k * (a.transpose(-1, -2) @ g), b.shape)
+        if k != 1.0 and g.numel() <= a.numel() + b.numel():  # scale the smaller side once
+            g, k = k * g, 1.0
+        to_a = None if self.gate == 0 else sum_to(_scaled(k, g @ b.transpose(-1, -2)), a.shape)
+        to_b = None if self.gate == 1 else sum_to(_scaled(k, a.transpose(-1, -2) @ g), b.shape)
         return [to_a, to_b]  # type: ignore[list-item]
+
+
+def _scaled(k: float, t: torch.Tensor) -> torch.Tensor:
+    return t if k == 1.0 else t.mul_(k)  # t is a fresh product
 
 
 NORMS = ("layer_norm", "rms_norm", "group_norm", "batch_norm")

@@ -20,6 +20,7 @@ constant, then the ε-rule on the linear map), and `Pass` on element-wise activa
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -284,8 +285,8 @@ class Taylor(Rule):
         s = call.output.to(r.dtype)
         dim = call.meta.get("dim", -1)
         dim = dim - call.output.ndim if dim >= 0 else dim  # from the end: r may carry leading concept dims
-        x = torch.where(torch.isneginf(x), 0.0, x).to(r.dtype)
-        return [x * (r - s * r.sum(dim, keepdim=True))]
+        x = torch.nan_to_num(x.to(r.dtype), nan=math.nan, posinf=math.inf, neginf=0.0)  # one pass: −∞ -> 0
+        return [torch.addcmul(r, s, r.sum(dim, keepdim=True), value=-1).mul_(x)]
 
 
 @dataclass(frozen=True)
