@@ -19,7 +19,7 @@ Where relevance goes (run.json `stats.<output>`, shares of the target logit per 
 `input_share` reaches the pixels; `constant_share:<name>` goes to a constant operand of a sum or
 concatenation (a ViT's `cls_token`, `pos_embed`; xaicli.lrp.engine `_constant_operand`), `constant_share`
 their total; `lost_share` is kept back by rules (biases, stabilisers, AttnLRP's softmax): the three sum
-to 1. Nodes losing more than `leak_share` of the logit (batch mean) get `lost_share:<node>` (that batch
+to 1. Layers losing more than `leak_share` of the logit (batch mean) get `lost_share:<layer>` (that batch
 mean, over the inputs of the batches where it was above) and one stderr line per run.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def shares(result: Result) -> dict[str, torch.Tensor]:
 
 
 def _leaks(engine: LRP, result: Result, share: float) -> dict[str, torch.Tensor]:
-    """`lost_share:<node>` for nodes losing more than `share` of the logit over this batch (the batch's
+    """`lost_share:<layer>` for layers losing more than `share` of the logit over this batch (the batch's
     share, for each of its inputs), and a stderr line the first time a node does so in a run."""
     n = result.relevance.shape[0]
     found = leaks(result, share) if result.flows else []  # flows is empty when no rule ran
@@ -192,7 +192,7 @@ def xai_methods() -> list[Method]:
                       "layers whose output relevance is saved as extras 'relevance:<name>'"),
                 Param("leak_share", float, 0.05,
                       "report nodes whose rule loses more than this share of the target logit (batch mean) in "
-                      "run.json (stats lost_share:<node>) and on stderr; 0: no per-node report", low=0.0),
+                      "run.json (stats lost_share:<layer>) and on stderr; 0: no per-layer report", low=0.0),
             ),
             needs="graph",
             check=check,

@@ -241,7 +241,8 @@ class LRP:
                 parent = step.inputs[0]
                 if parent not in owned:
                     held = relevance.get(parent)
-                    relevance[parent] = torch.zeros_like(call.inputs[0], dtype=r.dtype) if held is None else held.clone()
+                    relevance[parent] = held.clone() if held is not None else torch.zeros_like(call.inputs[0],
+                                                                                               dtype=r.dtype)
                     owned.add(parent)
                 relevance[parent].select(*step.select).add_(r)
                 continue
