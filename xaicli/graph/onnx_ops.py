@@ -185,7 +185,7 @@ def where(a: Attrs, cond: Value, x: Value, y: Value) -> Value:
 def clip(a: Attrs, x: Value, low: Value = None, high: Value = None) -> Value:
     low, high = scalar(low, a.get("min")), scalar(high, a.get("max"))
     if is_listy(x):  # shape arithmetic ("same" padding sizes: max(0, ...))
-        return _elementwise(lambda v: _clamped(v, low, high), as_list(x))
+        return _elementwise(lambda v: clamp_size(v, low, high), as_list(x))
     if low is not None and high is not None:
         return F.hardtanh(x, low, high)
     if low == 0 and high is None:
@@ -193,9 +193,13 @@ def clip(a: Attrs, x: Value, low: Value = None, high: Value = None) -> Value:
     return torch.clamp(x, low, high)
 
 
-def _clamped(v: Any, low: float | None, high: float | None) -> Any:
-    v = v if low is None else max(v, low)
-    return v if high is None else min(v, high)
+def clamp_size(v: Any, low: Any, high: Any) -> Any:
+    """clamp on a size (None: no bound). Numbers keep Python's max/min (an int stays an int); a symbolic
+    size takes sym_max/sym_min, which add no guard. Shared with graph.trace (TorchScript size arithmetic)."""
+    symbolic = isinstance(v, (torch.SymInt, torch.SymFloat))
+    upper, lower = (torch.sym_max, torch.sym_min) if symbolic else (max, min)
+    v = v if low is None else upper(v, low)
+    return v if high is None else lower(v, high)
 
 
 def hard_sigmoid(a: Attrs, x: torch.Tensor) -> torch.Tensor:

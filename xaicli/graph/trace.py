@@ -18,6 +18,7 @@ from torch.export import Dim, ExportedProgram
 from ..errors import UsageError
 from .canonical import from_exported
 from .naming import module_scopes, param_scopes
+from .onnx_ops import clamp_size
 
 
 def from_module(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -143,7 +144,7 @@ def _sizes_as_ints(gm: fx.GraphModule) -> fx.GraphModule:
                 elif node.target == _ATEN.clamp.default:
                     bounds = [*node.args[1:3], None, None][:2]
                     low, high = (node.kwargs.get(k, b) for k, b in zip(("min", "max"), bounds))
-                    ints[node] = graph.call_function(_clamp, (as_int(node.args[0]), *(None if b is None else as_int(b)
+                    ints[node] = graph.call_function(clamp_size, (as_int(node.args[0]), *(None if b is None else as_int(b)
                                                                                     for b in (low, high))))
                 elif node.target == _ATEN.rsub.Scalar and _alpha(node) == 1:  # other - self
                     ints[node] = graph.call_function(operator.sub, (as_int(node.args[1]), as_int(node.args[0])))
@@ -167,12 +168,6 @@ def _integral(node: fx.Node, default: torch.dtype) -> bool:
 def _whole(v: Any) -> Any:
     """A cast to an integer dtype: ints (symbolic ones too) as they are, floats truncated like torch's cast."""
     return v if isinstance(v, (int, torch.SymInt)) else int(v)
-
-
-def _clamp(v: Any, low: Any, high: Any) -> Any:
-    """clamp on sizes; sym_max/sym_min add no guard on a symbolic size."""
-    v = v if low is None else torch.sym_max(v, low)
-    return v if high is None else torch.sym_min(v, high)
 
 
 def _alpha(node: fx.Node) -> Any:
