@@ -7,6 +7,8 @@ batch, threads), in one process, printing ratios.
 Random-init timm models at 224², batch 8, random normal inputs. Rounds are interleaved (every
 candidate once per round, after a warm-up round) and the median is reported, so load from other
 processes hits all candidates alike. xai's engine is prepared once (as the lrp plugin caches it).
+The process keeps its heap as the `xai` command does (`xaicli.allocator`), for every candidate alike;
+`--system-malloc` measures with glibc's defaults instead.
 
 LXT's efficient path maps only torchvision's ViT (CP-LRP) and HF language models; for timm ViTs the
 comparison is LXT's own AttnLRP pieces in a custom patch map, as LXT documents for new models
@@ -29,6 +31,7 @@ import timm
 import torch
 from torch import nn
 
+from xaicli.allocator import keep_heap
 from xaicli.graph import from_module
 from xaicli.lrp import LRP, composite
 from xaicli.model import InputSpec, Model, input_gradient
@@ -99,11 +102,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--system-malloc", action="store_true", help="glibc's default thresholds, not the xai command's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    heap = "system malloc" if args.system_malloc else f"xai's heap settings: {'on' if keep_heap() else 'unavailable'}"
     with_lxt = lxt_available()
     print(f"torch {torch.__version__}, {args.threads} threads, {args.size}x{args.size}, median of {args.repeats} "
-          f"rounds; LXT: {'lxt 2.1 (patch map for timm, see docstring)' if with_lxt else 'not importable (n/a)'}")
+          f"rounds, {heap}; LXT: {'lxt 2.1 (patch map for timm, see docstring)' if with_lxt else 'not importable (n/a)'}")
     print(f"{'model':24s} {'batch':>5s} {'grad/s':>9s} {'xai/s':>9s} {'LXT/s':>9s} {'xai/grad':>9s} {'LXT/grad':>9s} "
           f"{'xai/LXT':>8s}   (images/s)")
     gen = torch.Generator().manual_seed(0)

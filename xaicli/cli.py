@@ -13,6 +13,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
+from .allocator import keep_heap
 from .errors import StorageError, UsageError, XaiError
 
 app = typer.Typer(
@@ -447,6 +448,7 @@ def main() -> None:
     """Console-script entry point. Ctrl-C and SIGTERM stop with exit 130 from the first moment (the
     run loop finishes its batch first); once the command is ending, further signals are ignored, so
     no traceback is printed while Python exits."""
+    keep_heap()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
@@ -147,12 +148,18 @@ class Model:
 
     def _build_graph(self, source: GraphSource) -> "fx.GraphModule | GraphUnavailable":
         from .graph import to_graph
+        from .graph.batch import fixed_batch
 
         # a fixed pseudo-random input of the model's size (batch 2: export needs a batch > 1)
         example = torch.randn(2, self.spec.channels, *self.spec.size, generator=torch.Generator().manual_seed(0))
         name = self.source or self.name
         try:
-            return to_graph(source, example.to(self.device), self.predict, name)
+            graph = to_graph(source, example.to(self.device), self.predict, name)
+            rows = fixed_batch(graph)
+            if rows is not None:
+                print(f"note: model {name} pins its batch size when traced (torch.export cannot keep it free): its "
+                      f"graph runs {rows} inputs at a time, padded; results are the same", file=sys.stderr, flush=True)
+            return graph
         except XaiError as exc:  # the converter's own message names the op and node
             return GraphUnavailable(str(exc))
         except Exception as exc:  # torch.export and TorchScript conversion raise many types
@@ -168,7 +175,9 @@ class Model:
         if self.module is not None:
             return self.module(x)
         if torch.is_grad_enabled() and x.requires_grad:
-            return self.graph()(x)
+            from .graph.batch import run
+
+            return run(self.graph(), x)
         assert self.forward_fn is not None
         if self.fixed_batch is None:
             return self.forward_fn(x)

@@ -34,6 +34,7 @@ from xaicli import Attribution, Method, Param, hookimpl
 from xaicli.chunking import AUTO, MaxBatch, chunked, max_batch_param
 from xaicli.errors import UsageError
 from xaicli.graph import find_node
+from xaicli.graph.batch import in_rows
 from xaicli.graph.feature_maps import FeatureMap, default_feature_map, feature_map_of
 from xaicli.model import Model, gather_target
 from xaicli.rng import BatchRNG
@@ -81,12 +82,17 @@ def layer_gradient(
         feature_map = resolve_layer(model, layer)
     except UsageError as exc:
         raise UsageError(f"{method} layer: {exc}") from None
-    capture = _Capture(model.graph(), feature_map.node)
-    with torch.enable_grad():
-        out = capture.run(x.detach())
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        (grad,) = torch.autograd.grad(gather_target(out, target).sum(), capture.activation)
-    return feature_map.to_nchw(capture.activation.detach()), feature_map.to_nchw(grad)
+    graph = model.graph()
+
+    def run(x: torch.Tensor, target: torch.Tensor, live: int) -> tuple[torch.Tensor, torch.Tensor]:
+        capture = _Capture(graph, feature_map.node)
+        with torch.enable_grad():
+            out = capture.run(x.detach())
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            (grad,) = torch.autograd.grad(gather_target(out, target).sum(), capture.activation)
+        return feature_map.to_nchw(capture.activation.detach()), feature_map.to_nchw(grad)
+
+    return in_rows(graph, run, x, target.to(x.device))
 
 
 def _upsample(cam: torch.Tensor, x: torch.Tensor, interpolation: str) -> Attribution:

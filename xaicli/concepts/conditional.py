@@ -21,6 +21,7 @@ import torch
 from torch import fx
 
 from ..chunking import MaxBatch, chunked
+from ..graph.batch import in_rows
 from ..lrp import LRP, Composite, UnknownLayer
 from ..lrp.engine import Step
 from ..lrp.nodes import normalise
@@ -119,10 +120,17 @@ class ConditionalLRP:
 
     def __call__(self, x: torch.Tensor, target: torch.Tensor, choose: Chooser, max_batch: MaxBatch = "auto",
                  key: str = "crp") -> CRPResult:
+        return in_rows(self.lrp.graph, lambda x, target, live: self._explain(x, target, choose, max_batch, key, live),
+                       x, target)
+
+    def _explain(self, x: torch.Tensor, target: torch.Tensor, choose: Chooser, max_batch: MaxBatch, key: str,
+                 live: int) -> CRPResult:
+        """`__call__` on rows of which the first `live` are real: padding (`in_rows`) starts with no relevance."""
         env, calls = self.lrp.forward(x)
         logits = env[self.lrp.output]
         index = target.to(logits.device).view(-1, 1)
         start = torch.zeros_like(logits).scatter_(1, index, logits.gather(1, index))
+        start[live:] = 0
         steps = list(reversed(self.lrp.steps))
         pending, at = self._upper(steps, calls, start)
         layer_relevance = pending.pop(self.node, None)

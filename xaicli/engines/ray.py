@@ -32,6 +32,8 @@ import dataclasses
 import json
 import logging
 import pickle
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +41,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..allocator import keep_heap
 from ..compute import BatchResult, describe
 from ..data import Failed
 from ..descriptors import BatchOutput, Engine, InputItem, Sink, WriterContext
@@ -66,7 +69,18 @@ def run(job: Job) -> Iterator[BatchResult]:
     finally:
         quiet.setLevel(level)
         if started:
+            _settle()
             ray.shutdown()
+
+
+def _settle(timeout: float = 30.0) -> None:
+    """Wait for Ray Data's executor and block-fetching threads to end. A thread that touches Ray after
+    ray.shutdown() makes Ray end the whole process with status 1 ("the core worker has already been
+    shutdown"), e.g. when a run stops early on a loaded machine, where the executor's own 2 s join runs out."""
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if type(thread).__name__ == "StreamingExecutor" or thread.name == "iter_threaded":
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _import_ray() -> Any:
@@ -161,6 +175,7 @@ class _Worker:
     their per-input files when given the staging folder."""
 
     def __init__(self, plan: Plan, gpu: bool, staging: str | None):
+        keep_heap()
         device = torch.device("cuda", 0) if gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES per actor
         self.replica = Replica(plan, device)
         self.sinks: dict[str, Sink] = {}

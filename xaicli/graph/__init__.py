@@ -14,7 +14,9 @@ A `torch.fx.GraphModule`:
 - the batch dimension is dynamic: one graph serves every batch size (reshapes use -1 for the
   batch; where a size must be spelled out, e.g. expanding a class token, it is computed by
   `aten.sym_size.int` and Python int arithmetic — the only nodes that are not tensor ops).
-  Other dimensions are fixed to the example's;
+  Other dimensions are fixed to the example's. The one exception: a model that pins its batch
+  to a number gets a graph of the example's batch, marked on its input (`batch.fixed_batch`);
+  consumers run every graph through `batch.in_rows`, which pads and cuts such a graph's chunks;
 - every tensor op is a `call_function` node whose target is a `torch.ops.aten` OpOverload,
   functional (no in-place ops), in evaluation mode (dropout removed);
 - parameters and constants are `get_attr` nodes naming real nn.Parameters (requires_grad off)

@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from ..errors import UsageError
+from .batch import run
 from .onnx_convert import from_onnx
 from .trace import from_module, from_torchscript
 
@@ -52,7 +53,7 @@ def to_graph(source: Source, example: torch.Tensor, forward: Callable[[torch.Ten
 def _check(name: str, forward: Callable[[torch.Tensor], torch.Tensor], gm: fx.GraphModule, example: torch.Tensor) -> None:
     """A wrong graph would give silently wrong explanations: refuse it instead."""
     want = forward(example)
-    got = gm(example)
+    got = run(gm, example)
     scale = want.abs().max().clamp_min(1e-12)
     error = ((got - want).abs().max() / scale).item() if got.shape == want.shape else float("inf")
     if not error <= TOLERANCE:

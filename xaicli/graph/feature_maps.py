@@ -30,6 +30,7 @@ from torch import fx
 
 from ..errors import UsageError
 from ..lrp.nodes import packet
+from .batch import fixed_batch
 
 ROLES = ("nchw", "nhwc", "tokens")
 MAX_EXTRA_TOKENS = 8
@@ -220,9 +221,9 @@ def _layout_hints(graph: fx.Graph) -> dict[fx.Node, str]:
 class _Probe(fx.Interpreter):
     """Runs the graph once, keeping the outputs of the nodes whose shape is a spatial map."""
 
-    def __init__(self, gm: fx.GraphModule, size: tuple[int, int], skip: set[fx.Node]):
+    def __init__(self, gm: fx.GraphModule, size: tuple[int, int], skip: set[fx.Node], batch: int):
         super().__init__(gm)
-        self.size, self.skip = size, skip
+        self.size, self.skip, self.batch = size, skip, batch
         self.hints = _layout_hints(gm.graph)
         self.dependent = _input_dependent(gm.graph)
         self.found: list[tuple[FeatureMap, torch.Tensor]] = []
@@ -232,7 +233,7 @@ class _Probe(fx.Interpreter):
         value = super().run_node(n)
         if isinstance(value, torch.Tensor) and n.op == "call_function" and n in self.dependent:
             self.shapes[n] = tuple(value.shape)
-            role = None if n in self.skip else classify(tuple(value.shape), PROBE_BATCH, self.size, self.hints.get(n))
+            role = None if n in self.skip else classify(tuple(value.shape), self.batch, self.size, self.hints.get(n))
             if role is not None:
                 self.found.append((FeatureMap(n, *role), value))
         return value
@@ -257,8 +258,9 @@ def survey(gm: fx.GraphModule, input_shape: tuple[int, int, int]) -> Survey:
         return cached[1]
     generator = torch.Generator().manual_seed(0)
     device = next((b.device for b in gm.buffers()), next((p.device for p in gm.parameters()), torch.device("cpu")))
-    x = torch.randn(PROBE_BATCH, *input_shape, generator=generator).to(device).requires_grad_(True)
-    probe = _Probe(gm, tuple(input_shape[1:]), attention_internals(gm.graph))
+    batch = fixed_batch(gm) or PROBE_BATCH
+    x = torch.randn(batch, *input_shape, generator=generator).to(device).requires_grad_(True)
+    probe = _Probe(gm, tuple(input_shape[1:]), attention_internals(gm.graph), batch)
     with torch.enable_grad():
         out = probe.run(x)
         out = out[0] if isinstance(out, (tuple, list)) else out

@@ -16,6 +16,7 @@ from torch import fx, nn
 from torch.export import Dim, ExportedProgram
 
 from ..errors import UsageError
+from .batch import mark_fixed
 from .canonical import from_exported
 from .naming import module_scopes, param_scopes
 from .onnx_ops import clamp_size
@@ -26,7 +27,9 @@ def from_module(module: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     `example` with any batch size."""
     with _eval(module):
         ep = export_batch_dynamic(module, example)
-    return from_exported(ep, module_scopes)
+    gm = from_exported(ep, module_scopes)
+    mark_fixed(gm)
+    return gm
 
 
 def from_torchscript(module: torch.jit.ScriptModule, example: torch.Tensor) -> fx.GraphModule:
@@ -48,6 +51,7 @@ def from_torchscript(module: torch.jit.ScriptModule, example: torch.Tensor) -> f
             raise UsageError(f"could not convert the TorchScript model to a torch graph: {_first_line(exc)}") from exc
     gm = from_exported(ep, scopes)
     _restore_parameters(gm, {prefix + name for name, _ in module.named_parameters()})
+    mark_fixed(gm)
     return gm
 
 
@@ -108,12 +112,21 @@ _INT_OPS = {_ATEN.mul.Tensor: operator.mul, _ATEN.mul.Scalar: operator.mul, _ATE
 
 _READ_BACK = {_ATEN._local_scalar_dense.default, _ATEN.ScalarImplicit.default}  # tensor.item() and implicit
 
+# scripted size arithmetic: aten's scalar overloads (`aten.mul.int`) cast a symbolic size to a plain int,
+# which pins the batch; Python's operators keep it symbolic
+_SCALAR_OPS = {"mul": operator.mul, "add": operator.add, "sub": operator.sub, "floordiv": operator.floordiv,
+               "div": operator.truediv, "remainder": operator.mod, "neg": operator.neg, "ceil": math.ceil,
+               "floor": math.floor, "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+               "gt": operator.gt, "ge": operator.ge}
+
 
 def _sizes_as_ints(gm: fx.GraphModule) -> fx.GraphModule:
     """Size arithmetic of a traced TorchScript model reaches the converter as 0-d int64 tensor ops
     read back by `.item()` (`reshape(B*4, n, -1)` in mobilevit, `H // 7` in twins); torch.export
     makes each `.item()` an unbacked size and fails on a guard. Recompute those sizes as int ops
-    on the symbolic sizes (exact for integers), leaving every tensor op in place."""
+    on the symbolic sizes (exact for integers), leaving every tensor op in place. A scripted model's
+    sizes come as aten's scalar overloads (`aten.mul.int`), which cast to int and pin the batch: those
+    become Python's operators."""
     ints: dict[fx.Node, Any] = {}
 
     def as_int(arg: Any) -> Any:
@@ -134,6 +147,9 @@ def _sizes_as_ints(gm: fx.GraphModule) -> fx.GraphModule:
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function":
+            continue
+        if _on_scalars(node.target) and node.target.__name__.split(".")[0] in _SCALAR_OPS:
+            node.target = _SCALAR_OPS[node.target.__name__.split(".")[0]]
             continue
         try:
             with graph.inserting_before(node):
@@ -157,6 +173,14 @@ def _sizes_as_ints(gm: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _on_scalars(target: Any) -> bool:
+    """An aten overload whose arguments are all numbers (`aten.mul.int`, `aten.ceil.float`)."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    arguments = target._schema.arguments
+    return bool(arguments) and all(str(a.type) in ("int", "float", "number", "Scalar", "bool") for a in arguments)
 
 
 def _integral(node: fx.Node, default: torch.dtype) -> bool:
@@ -190,11 +214,18 @@ def _restore_parameters(gm: fx.GraphModule, names: set[str]) -> None:
 
 
 def export_batch_dynamic(module: nn.Module, example: torch.Tensor) -> ExportedProgram:
-    """torch.export with dim 0 of the single input symbolic (other dims fixed to the example's)."""
+    """torch.export with dim 0 of the single input symbolic (other dims fixed to the example's). A model
+    that pins the batch to a number (torch.export: "Constraints violated") is exported at the example's
+    batch instead; its graph then runs in padded chunks of that many rows (see `batch`)."""
     example = _batch_of_two(example)
     try:
         with _quiet():
-            return torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch")},), strict=False)
+            try:
+                return torch.export.export(module, (example,), dynamic_shapes=({0: Dim("batch")},), strict=False)
+            except Exception as exc:
+                if "Constraints violated" not in str(exc):
+                    raise
+                return torch.export.export(module, (example,), strict=False)
     except UsageError:
         raise
     except Exception as exc:

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx
 
+from ..graph.batch import in_rows
 from .canonize import canonize
 from .composites import Composite
 from .nodes import bind, display_names, kind, layer_index, nonnegative, normalise, packet, signal, tensor_args
@@ -92,6 +93,10 @@ class LRP:
     def __call__(self, x: torch.Tensor, target: torch.Tensor, flows: bool = False) -> Result:
         """Relevance of `x` for the logits `target` [B], starting from R = logit at the target (0 elsewhere);
         `flows`: also each node's relevance in and out (Result.flows)."""
+        return in_rows(self.graph, lambda x, target, live: self._explain(x, target, flows, live), x, target)
+
+    def _explain(self, x: torch.Tensor, target: torch.Tensor, flows: bool, live: int) -> Result:
+        """`__call__` on rows of which the first `live` are real: padding (`in_rows`) starts with no relevance."""
         if self.channels_last:
             x = _channels_last(x)
         env, calls = self._forward(x)
@@ -99,6 +104,7 @@ class LRP:
         index = target.to(logits.device).view(-1, 1)
         explained = logits.gather(1, index)
         start = torch.zeros_like(logits).scatter_(1, index, explained)
+        start[live:] = 0
         sums: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = {} if flows else None
         constants: dict[str, torch.Tensor] = {}
         relevance, found = self._backward(calls, start, sums, constants)
