@@ -98,7 +98,8 @@ class Model:
     forward-only models (ONNX through onnxruntime) provide `forward_fn` instead.
     `graph_source` is what `graph()` is built from: a torch `module` always is its own (set
     here, also when `dataclasses.replace` swaps the module); forward-only loaders name a file.
-    `fixed_batch` is the one batch size a forward accepts (fixed-batch ONNX graphs).
+    `fixed_batch` is the one batch size `forward_fn` accepts (ONNX files exported with a fixed batch):
+    forwards run in chunks of it, padded (`xaicli.graph.batch.in_chunks`).
     `channels_last` (default: on CPUs) feeds torch models NHWC images, on which oneDNN's
     convolutions run 1.1-1.4x faster; results differ from NCHW by float rounding only.
     `unavailable`: the run's method outputs that cannot run on this model (output -> cause), set
@@ -174,15 +175,13 @@ class Model:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.module is not None:
             return self.module(x)
-        if torch.is_grad_enabled() and x.requires_grad:
-            from .graph.batch import run
+        from .graph.batch import in_chunks, run  # not at the top: xaicli.graph imports torch.export and onnx
 
+        if torch.is_grad_enabled() and x.requires_grad:
             return run(self.graph(), x)
-        assert self.forward_fn is not None
-        if self.fixed_batch is None:
-            return self.forward_fn(x)
-        chunks = [self.forward_fn(part) for part in x.split(self.fixed_batch)]
-        return torch.cat(chunks)
+        forward = self.forward_fn
+        assert forward is not None
+        return in_chunks(self.fixed_batch, lambda rows, live: forward(rows), x)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The file is validated with onnx.checker first, so a corrupt download gets a clear message.
 Input spec: defaults (see modelfile.py), then the ``xai.json`` entry of the model's
 metadata_props, then the fixed dimensions of the graph input (the graph is what runs). A graph
-whose batch dimension is a fixed number gets `Model.fixed_batch`; the last chunk is padded.
+whose batch dimension is a fixed number gets `Model.fixed_batch`: the Model runs it in chunks of that
+many rows, the last one padded (`xaicli.graph.batch.in_chunks`).
 """
 from __future__ import annotations
 
@@ -104,18 +105,15 @@ def logits_output(sess: ort.InferenceSession, source: str) -> str:
     return first.name
 
 
-def forward(sess: ort.InferenceSession, output: str, dtype: np.dtype, device: torch.device,
-            fixed_batch: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def forward(sess: ort.InferenceSession, output: str, dtype: np.dtype, device: torch.device
+            ) -> Callable[[torch.Tensor], torch.Tensor]:
     """x [B,C,H,W] torch on `device` -> float32 logits on `device` from graph output `output`."""
     name = sess.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        n = len(x)
-        if fixed_batch is not None and n < fixed_batch:  # a short last chunk: pad with copies of its last row
-            x = torch.cat([x, x[-1:].expand(fixed_batch - n, *x.shape[1:])])
         array = x.detach().to("cpu").numpy().astype(dtype, copy=False)
         (logits,) = sess.run([output], {name: np.ascontiguousarray(array)})
-        return torch.from_numpy(logits[:n]).to(device=device, dtype=torch.float32)
+        return torch.from_numpy(logits).to(device=device, dtype=torch.float32)
 
     return run
 
@@ -134,7 +132,7 @@ def load(spec: str, device: torch.device, threads: int | None = None) -> Model:
         name=path.stem,
         spec=checked_spec(fields, spec),
         device=device,
-        forward_fn=forward(sess, output, dtype, device, dims[0]),
+        forward_fn=forward(sess, output, dtype, device),
         labels=labels,
         digest=file_digest(path),
         source=spec,

@@ -32,11 +32,17 @@ def mark_fixed(gm: fx.GraphModule) -> None:
 
 
 def in_rows(gm: fx.GraphModule, fn: Callable[..., Any], x: torch.Tensor, *per_row: torch.Tensor) -> Any:
-    """fn(x, *per_row, live=len(x)) on a graph with a dynamic batch. On a fixed-batch graph, fn runs on
-    each chunk of B0 rows of x and of every per_row tensor (padded; `live` = its real rows), and the
-    results (tensors, or dicts, tuples, lists and dataclasses of them) keep the real rows and are joined
-    along dim 0; 0-d tensors (sums over a batch) are added, so fn must leave padded rows out of them."""
-    rows = fixed_batch(gm)
+    """fn(x, *per_row, live=len(x)) on a graph with a dynamic batch; on a fixed-batch graph, in chunks
+    of its batch (`in_chunks`)."""
+    return in_chunks(fixed_batch(gm), fn, x, *per_row)
+
+
+def in_chunks(rows: int | None, fn: Callable[..., Any], x: torch.Tensor, *per_row: torch.Tensor) -> Any:
+    """fn(x, *per_row, live=len(x)) when `rows` is None. Else fn runs on each chunk of `rows` rows of x
+    and of every per_row tensor (padded; `live` = its real rows), and the results (tensors, or dicts,
+    tuples, lists and dataclasses of them) keep the real rows and are joined along dim 0; 0-d tensors
+    (sums over a batch) are added, so fn must leave padded rows out of them. Also serves models whose
+    own forward takes one batch size (`Model.fixed_batch`: ONNX files exported with a fixed batch)."""
     if rows is None:
         return fn(x, *per_row, live=len(x))
     parts = []

@@ -40,15 +40,16 @@ def from_torchscript(module: torch.jit.ScriptModule, example: torch.Tensor) -> f
     a module it refuses is traced first, through a wrapper that calls it on the example (which fixes
     its branches to those the example takes; `convert.to_graph` checks the result against the model)."""
     example = _batch_of_two(example)
+    hint = "; a model saved with torch.jit.trace rather than torch.jit.script converts more often"
     try:
         ep, scopes, prefix = _convert(module, example), param_scopes, ""
-    except UsageError:
-        raise
+    except UsageError as exc:  # torch.export failed on the converted program
+        raise UsageError(f"{exc}{hint}") from exc
     except Exception as exc:
         try:
             ep, scopes, prefix = _convert(_traced(module, example), example), _unwrapped_scopes, _WRAPPER + "."
         except Exception:
-            raise UsageError(f"could not convert the TorchScript model to a torch graph: {_first_line(exc)}") from exc
+            raise UsageError(f"could not convert the TorchScript model to a torch graph: {_first_line(exc)}{hint}") from exc
     gm = from_exported(ep, scopes)
     _restore_parameters(gm, {prefix + name for name, _ in module.named_parameters()})
     mark_fixed(gm)
@@ -229,7 +230,7 @@ def export_batch_dynamic(module: nn.Module, example: torch.Tensor) -> ExportedPr
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"torch.export could not trace the model with a dynamic batch: {_first_line(exc)}") from exc
+        raise UsageError(f"torch.export could not trace the model: {_first_line(exc)}") from exc
 
 
 def _batch_of_two(example: torch.Tensor) -> torch.Tensor:
