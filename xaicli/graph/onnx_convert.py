@@ -25,6 +25,9 @@ class OnnxModule(nn.Module):
         super().__init__()
         self._program = program
         self._paths = parameter_names(program)
+        # Resize's scales as numbers, read here: a float tensor read while torch.export traces is data-dependent
+        self._numbers = {name: program.consts[name].tolist() for node in program.nodes if node.op == "Resize"
+                         for name in node.inputs[1:3] if name in program.consts}
         for name, (path, is_buffer) in self._paths.items():
             value = program.consts[name]
             _set(self, path, value if is_buffer else nn.Parameter(value, requires_grad=False))
@@ -33,6 +36,7 @@ class OnnxModule(nn.Module):
         program = self._program  # constants stay in the program: tensor attributes would be traced
         env = {n: _python_value(v) for n, v in program.consts.items() if n not in self._paths}
         env.update({name: self.get_buffer(path) if buf else self.get_parameter(path) for name, (path, buf) in self._paths.items()})
+        env.update(self._numbers)
         env[program.input] = x
         for node in program.nodes:
             values = [env[name] if name else None for name in node.inputs]

@@ -298,10 +298,19 @@ def linear(a: Attrs, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
     return F.linear(x, w, b)
 
 
-def batch_norm(a: Attrs, x, scale, bias, mean, var) -> torch.Tensor:
-    if a.get("training_mode", 0):
-        raise UnsupportedForm("BatchNormalization in training mode")
-    return F.batch_norm(x, mean, var, scale, bias, False, 0.0, a.get("epsilon", 1e-5))
+def batch_norm(a: Attrs, x, scale, bias, mean, var, outputs: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Inference mode with running statistics; training mode normalises with the input's own statistics
+    (nf-nets standardise their weights so) and can also give the updated running mean and variance."""
+    eps = a.get("epsilon", 1e-5)
+    if not a.get("training_mode", 0):
+        return F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
+    y = F.batch_norm(x, None, None, scale, bias, True, 0.0, eps)
+    if outputs == 1:
+        return y
+    axes = [d for d in range(x.dim()) if d != 1]
+    momentum = a.get("momentum", 0.9)
+    current_var, current_mean = torch.var_mean(x, axes, correction=0)
+    return y, mean * momentum + current_mean * (1 - momentum), var * momentum + current_var * (1 - momentum)
 
 
 def layer_norm(a: Attrs, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -714,5 +723,5 @@ OPS: dict[str, Callable] = {
     "Resize": resize,
     "Dropout": dropout,
 }
-MULTI_OUTPUT = {"Split"}
+MULTI_OUTPUT = {"Split", "BatchNormalization"}
 SYNTHETIC = {"Linear", "Silu"}  # written by onnx_program's rewrites, not ONNX ops

@@ -189,7 +189,8 @@ def run_node(program: Program, node: OnnxNode, values: list, batch=None) -> list
     except UsageError:
         raise
     except Exception as exc:
-        raise UsageError(f"{program.where(node)} could not be converted: {type(exc).__name__}: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]  # torch's symbolic-shape errors run to many lines
+        raise UsageError(f"{program.where(node)} could not be converted: {type(exc).__name__}: {first}") from exc
     return list(out) if isinstance(out, tuple) else [out]
 
 
