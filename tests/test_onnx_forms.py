@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import onnx
+import timm
 import torch
 from timm.layers import ScaledStdConv2d, StdConv2d
 from torch import nn
@@ -94,3 +95,32 @@ def test_an_op_that_cannot_be_converted_is_named_in_one_line():
     else:
         raise AssertionError("a data-dependent Resize converted")
     assert "data_dependent_resize" in message and "\n" not in message, message
+
+
+def test_gcvit_repeats_by_a_one_hot_and_edgenext_sums_positions():
+    """gcvit repeats its global query over the windows, which the TorchScript-based exporter writes as a
+    Tile by a OneHot of [1, windows per image]; edgenext's Fourier positions are a CumSum."""
+    torch.manual_seed(0)
+    module = timm.create_model("gcvit_xxtiny", pretrained=False, num_classes=5).eval()  # needs 224 px
+    assert {"Tile", "OneHot"} <= {n.op_type for n in exported(module, 224).graph.node}
+    assert_matches(module, 224)
+    module = timm.create_model("edgenext_xx_small", pretrained=False, num_classes=5).eval()
+    assert "CumSum" in {n.op_type for n in exported(module, 64).graph.node}
+    assert_matches(module, 64)
+
+
+def test_cumsum_and_one_hot_match_numpy():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    for exclusive in (0, 1):
+        for reverse in (0, 1):
+            got = OPS["CumSum"](Attrs(exclusive=exclusive, reverse=reverse), torch.from_numpy(x), 2).numpy()
+            flipped = x[..., ::-1] if reverse else x
+            want = np.cumsum(flipped, 2) - (flipped if exclusive else 0)
+            np.testing.assert_array_equal(got, want[..., ::-1] if reverse else want)
+    indices = np.array([[0, -1], [2, 7]])
+    for axis in (-1, 0, 1):
+        got = OPS["OneHot"](Attrs(axis=axis), torch.from_numpy(indices), 4, torch.tensor([2.0, 5.0])).numpy()
+        hot = (np.where(indices < 0, indices + 4, indices)[..., None] == np.arange(4))
+        want = np.where(np.moveaxis(hot, -1, axis if axis >= 0 else 2), 5.0, 2.0)  # index 7: a row of 2s
+        np.testing.assert_array_equal(got, want)
+    assert OPS["OneHot"](Attrs(), [1], 5, [1, 3]).tolist() == [[1, 3, 1, 1, 1]]  # shape arithmetic stays numbers

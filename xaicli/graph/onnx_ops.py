@@ -370,7 +370,7 @@ def reduce(torch_fn: Callable, list_fn: Callable | None = None) -> Callable:
 # ---------------------------------------------------------------- shapes and indexing
 
 def shape(a: Attrs, x: Value) -> list:
-    dims = list(x.shape) if isinstance(x, torch.Tensor) else [len(x)] if isinstance(x, list) else []
+    dims = list(x.shape) if isinstance(x, (torch.Tensor, np.ndarray)) else [len(x)] if isinstance(x, list) else []
     start, end = a.get("start", 0), a.get("end")
     return dims[start:end]
 
@@ -397,7 +397,11 @@ def reshape(a: Attrs, x: Value, target: Value) -> Value:
         array = static_array(x)
         if array is not None and not (len(dims) == 1 and array.ndim <= 1):
             return _shape_value(array.reshape(dims))
-        return as_list(x) if dims in ([-1], [len(as_list(x))]) else _unsupported_shape_math("Reshape")
+        values = as_list(x)
+        values = values if isinstance(values, list) else [values]  # a number (gcvit's window count) to [1]
+        if dims == [] and len(values) == 1:
+            return values[0]
+        return values if dims in ([-1], [len(values)]) else _unsupported_shape_math("Reshape")
     if not a.get("allowzero", 0):
         dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
     return x.reshape(_keep_batch(a, dims, _batched(x)))
@@ -613,6 +617,37 @@ def ints_or_floats(v: Value) -> list:
     return list(v) if isinstance(v, (list, tuple, np.ndarray)) else [v]
 
 
+def cumsum(a: Attrs, x: Value, axis: Value) -> torch.Tensor:
+    """Running sums along `axis` (edgenext's Fourier positional encoding); `exclusive` leaves each
+    element out of its own sum, `reverse` runs from the end."""
+    x = x if isinstance(x, torch.Tensor) else torch.tensor(x)
+    dim, reverse = int(scalar(axis)), a.get("reverse", 0)
+    x = x.flip(dim) if reverse else x
+    out = x.cumsum(dim)
+    out = out - x if a.get("exclusive", 0) else out
+    return out.flip(dim) if reverse else out
+
+
+def one_hot(a: Attrs, indices: Value, depth: Value, values: Value) -> torch.Tensor:
+    """values[1] where the new `axis` equals the index (negative ones count from the end), values[0]
+    elsewhere; an index outside [-depth, depth) gives a row of values[0], as ONNX defines. On shape
+    arithmetic (the legacy exporter spells `repeat(1, B, ...)` as a Tile by a one-hot of [1, B]) it stays
+    shape arithmetic."""
+    n, axis = int(scalar(depth)), a.get("axis", -1)
+    static = static_array(indices) if is_listy(indices) else None
+    if static is not None and is_listy(values):
+        off, on = as_list(values)
+        index = np.where(static < 0, static + n, static)
+        hot = np.moveaxis(index[..., None] == np.arange(n), -1, axis if axis >= 0 else axis + index.ndim + 1)
+        return _shape_value(np.where(hot, np.array(on, dtype=object), np.array(off, dtype=object)))
+    indices = (indices if isinstance(indices, torch.Tensor) else torch.tensor(indices)).long()
+    values = values if isinstance(values, torch.Tensor) else torch.tensor(values)
+    indices = torch.where(indices < 0, indices + n, indices)
+    hot = indices.unsqueeze(-1) == torch.arange(n, device=indices.device)
+    hot = hot.movedim(-1, axis if axis >= 0 else axis + hot.dim())
+    return torch.where(hot, values[1], values[0])
+
+
 def identity(a: Attrs, x: Value) -> Value:
     return x
 
@@ -719,6 +754,8 @@ OPS: dict[str, Callable] = {
     "Pad": pad,
     "ConstantOfShape": constant_of_shape,
     "Range": range_,
+    "CumSum": cumsum,
+    "OneHot": one_hot,
     "Identity": identity,
     "Resize": resize,
     "Dropout": dropout,
