@@ -157,6 +157,20 @@ def test_a_model_without_a_spatial_map_fails_up_front_listing_candidates():
     assert resolve_layer(model, None).layer == "1"  # the ReLU's map, reached through the linear layer
 
 
+def test_a_model_whose_output_is_constant_takes_its_last_map():
+    """timm initialises the heads of MLP-Mixer and ResMLP to zero: the output's gradient reaches no map,
+    yet every map is as good as another; the run goes on (with zero maps) instead of failing."""
+    torch.manual_seed(0)
+    module = timm.models.mlp_mixer.MlpMixer(img_size=32, patch_size=8, num_blocks=1, embed_dim=16,
+                                            num_classes=3).eval()
+    assert not module.head.weight.any()
+    model = Model("mixer", InputSpec(size=(32, 32)), torch.device("cpu"), module=module)
+    chosen = resolve_layer(model, None)
+    assert chosen.role == "tokens" and chosen.grid == (4, 4) and not chosen.reaches
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert not gradcam(model, x, torch.tensor([0, 1]), BatchRNG([0, 1])).relevance.any()
+
+
 # --- a trained CNN localises its object ------------------------------------------------------------
 SIZE, OBJECT, CLASSES = 32, 8, 3
 

@@ -241,10 +241,12 @@ class _Probe(fx.Interpreter):
 
 @dataclass(frozen=True)
 class Survey:
-    """Every feature map of a graph (execution order) and every probed node's output shape."""
+    """Every feature map of a graph (execution order) and every probed node's output shape; `constant`:
+    the output's gradient is zero on every map (the output does not depend on them, e.g. a zero head)."""
 
     maps: tuple[FeatureMap, ...]
     shapes: dict[fx.Node, tuple[int, ...]]
+    constant: bool = False
 
 
 _SURVEYS: "weakref.WeakKeyDictionary[fx.GraphModule, tuple[tuple[int, ...], Survey]]" = weakref.WeakKeyDictionary()
@@ -270,7 +272,7 @@ def survey(gm: fx.GraphModule, input_shape: tuple[int, int, int]) -> Survey:
         reached = iter(torch.autograd.grad((out * mix).sum(), tensors, allow_unused=True) if tensors else [])
         grads = [next(reached) if t.requires_grad else None for _, t in probe.found]
     maps = tuple(FeatureMap(m.node, m.role, m.grid, m.extra, _reaches(m, g)) for (m, _), g in zip(probe.found, grads))
-    result = Survey(maps, probe.shapes)
+    result = Survey(maps, probe.shapes, all(g is None or not bool(g.any()) for g in grads))
     _SURVEYS[gm] = (tuple(input_shape), result)
     return result
 
@@ -283,11 +285,14 @@ def _reaches(feature_map: FeatureMap, grad: torch.Tensor | None) -> bool:
 
 
 def default_feature_map(gm: fx.GraphModule, input_shape: tuple[int, int, int]) -> FeatureMap:
-    """The last feature map the output's gradient reaches; UsageError naming candidates when none."""
+    """The last feature map the output's gradient reaches (the last map of all when the output is constant:
+    timm initialises some heads to zero); UsageError naming candidates when none."""
     found = survey(gm, input_shape)
     reached = [m for m in found.maps if m.reaches]
     if reached:
         return reached[-1]
+    if found.maps and found.constant:
+        return found.maps[-1]
     raise UsageError(f"no layer of the model is a spatial feature map the output depends on "
                      f"({_candidates(found)}); name one with `layer`")
 
