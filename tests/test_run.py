@@ -240,30 +240,29 @@ def test_fixed_target_and_csv_targets(digits, tmp_path):
     assert all(int(v["target"]) == int(k.split("/")[0]) for k, v in arrays(tmp_path / "csv", "saliency").items())
 
 
-def _onnx_with_cumsum(path: Path) -> None:
-    """A tiny classifier whose last op (CumSum) xai's ONNX->torch converter does not support."""
+def _onnx_with_hardmax(path: Path) -> None:
+    """A tiny classifier whose last op (Hardmax) xai's ONNX->torch converter does not support."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.random.default_rng(0).normal(size=(1024, 10)).astype(np.float32), "w")
-    axis = numpy_helper.from_array(np.array(1, dtype=np.int64), "axis")
     nodes = [
         helper.make_node("Flatten", ["x"], ["flat"], name="flatten", axis=1),
         helper.make_node("MatMul", ["flat", "w"], ["scores"], name="classifier"),
-        helper.make_node("CumSum", ["scores", "axis"], ["logits"], name="running_total"),
+        helper.make_node("Hardmax", ["scores"], ["logits"], name="pick_top", axis=1),
     ]
-    graph = helper.make_graph(nodes, "cumsum", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], [weight, axis])
+    graph = helper.make_graph(nodes, "hardmax", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 10])], [weight])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
 def test_onnx_unsupported_op_fails_up_front_for_gradients_but_runs_occlusion(digits, tmp_path):
-    model = tmp_path / "cumsum.onnx"
-    _onnx_with_cumsum(model)
+    model = tmp_path / "hardmax.onnx"
+    _onnx_with_hardmax(model)
     flags = ["--input-size", "32", "--mean", "0.25", "--std", "0.35", "-q"]
     refused = xai("explain", model, digits.images, "-m", "saliency", "-o", tmp_path / "grad", *flags)
     assert refused.returncode == 2
-    assert "CumSum" in refused.stderr and "running_total" in refused.stderr and "17" in refused.stderr
+    assert "Hardmax" in refused.stderr and "pick_top" in refused.stderr and "17" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert not list((tmp_path / "grad").rglob("*.npz"))
     forward_only = xai("explain", model, digits.images, "-m", "occlusion", "-o", tmp_path / "occ", *flags)
